@@ -1,0 +1,270 @@
+"""The decoder: a GPT written out in one file, small enough to read in one sitting.
+
+What is notable here:
+- Pre-norm transformer blocks (Radford et al. 2019, GPT-2: https://cdn.openai.com/better-language-models/
+  language_models_are_unsupervised_multitask_learners.pdf) with GPT-2's init: weights N(0, 0.02) and the
+  residual projections scaled by 1/sqrt(2 * n_layer), so the residual stream does not grow with depth.
+- Rotary position embeddings by default (Su et al. 2021, RoFormer: https://arxiv.org/abs/2104.09864):
+  q and k are rotated by an angle proportional to their position, so q.k depends only on the distance
+  between tokens. Learned absolute positions (GPT-2's) are an option: `pos_emb="learned"`.
+- Attention and the loss go through minimm.ops, the one place where fast kernels are chosen.
+- `forward(inputs_embeds=...)` lets the multimodal model splice image and audio embeddings into the
+  sequence; `generate()` uses a KV cache so each new token costs one position, not the whole prefix.
+- Input and output embeddings are tied (Press & Wolf 2016, https://arxiv.org/abs/1608.05859).
+
+Shape letters: B batch, T tokens, C channels (n_embd), nh heads, hs head size (C // nh), V vocabulary.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minimm import ops
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 4096
+    block_size: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+    pos_emb: str = "rope"  # "rope" or "learned"
+    rope_base: float = 10000.0
+
+
+def rope_tables(T: int, hs: int, base: float, offset: int = 0,
+                device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotation angles for positions offset .. offset+T-1: each (T, hs).
+
+    Channel pair (i, i + hs/2) turns at frequency base^(-2i/hs): fast for the first pairs (local order),
+    slow for the last (long range).
+    """
+    inv_freq = base ** (-torch.arange(0, hs, 2, device=device, dtype=torch.float32) / hs)  # (hs/2,)
+    pos = torch.arange(offset, offset + T, device=device, dtype=torch.float32)
+    angles = pos[:, None] * inv_freq[None, :]  # (T, hs/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, hs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each channel pair (i, i + hs/2) of x: (B, nh, T, hs) by the angles in cos/sin: (T, hs)."""
+    x1, x2 = x.chunk(2, dim=-1)  # each (B, nh, T, hs/2)
+    rotated = torch.cat([-x2, x1], dim=-1)  # (B, nh, T, hs)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of every layer for the positions generated so far: each (B, nh, block_size, hs)."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, device: torch.device, dtype: torch.dtype):
+        hs = config.n_embd // config.n_head
+        shape = (batch_size, config.n_head, config.block_size, hs)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.pos = 0  # how many positions are filled
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v: (B, nh, T, hs) at the next positions; return all keys and values so far."""
+        T = k.shape[2]
+        self.k[layer][:, :, self.pos:self.pos + T] = k
+        self.v[layer][:, :, self.pos:self.pos + T] = v
+        end = self.pos + T
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]  # (B, nh, pos + T, hs)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        self.n_head = config.n_head
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in that order
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                kv_cache: KVCache | None, layer: int, segment_ids: torch.Tensor | None) -> torch.Tensor:
+        B, T, C = x.shape
+        hs = C // self.n_head
+        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)  # (B, nh, pos + T, hs)
+        y = ops.attention(q, k, v, causal=True, segment_ids=segment_ids)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.gelu(self.c_fc(x), approximate="tanh")  # (B, T, 4C); GPT-2's tanh form of GELU
+        return self.dropout(self.c_proj(h))  # (B, T, C)
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, rope, kv_cache: KVCache | None, layer: int,
+                segment_ids: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, kv_cache, layer, segment_ids)  # (B, T, C)
+        return x + self.mlp(self.ln_2(x))  # (B, T, C)
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        if config.pos_emb not in ("rope", "learned"):
+            raise ValueError(f"pos_emb={config.pos_emb!r}: expected 'rope' or 'learned'")
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        if config.pos_emb == "learned":
+            self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix reads and writes tokens
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):  # residual projections: keep the stream's variance flat
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx: torch.Tensor | None = None, targets: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                kv_cache: KVCache | None = None, reduction: str = "mean"):
+        """Next-token logits and, with targets, the loss.
+
+        idx: (B, T) token ids, or inputs_embeds: (B, T, C) already embedded (the multimodal splice).
+        targets: (B, T) next-token ids, -100 where a position is not in the loss.
+        segment_ids: (B, T) packed-example ids; attention stays inside each example.
+        kv_cache: continue from the cached positions (generation).
+        Returns (logits (B, T, V), loss or None). Without targets only the last position's logits are
+        computed: (B, 1, V), the nanoGPT trick that makes generation cheap.
+        """
+        x = self.transformer.wte(idx) if inputs_embeds is None else inputs_embeds  # (B, T, C)
+        B, T, C = x.shape
+        offset = kv_cache.pos if kv_cache is not None else 0
+        if offset + T > self.config.block_size:
+            raise ValueError(f"sequence of {offset + T} tokens exceeds block_size {self.config.block_size}")
+        rope = None
+        if self.config.pos_emb == "learned":
+            pos = torch.arange(offset, offset + T, device=x.device)
+            x = x + self.transformer.wpe(pos)  # (B, T, C)
+        else:
+            rope = rope_tables(T, C // self.config.n_head, self.config.rope_base, offset, x.device)
+        x = self.transformer.drop(x)
+        for layer, block in enumerate(self.transformer.h):
+            x = block(x, rope, kv_cache, layer, segment_ids)  # (B, T, C)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        x = self.transformer.ln_f(x)  # (B, T, C)
+        if targets is None:
+            return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
+        logits = self.lm_head(x)  # (B, T, V)
+        loss = ops.cross_entropy(logits, targets, ignore_index=-100, reduction=reduction)
+        return logits, loss
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; the tied embedding is counted once, and left out with non_embedding."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel()
+            if self.config.pos_emb == "learned":
+                n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, T: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward): 6 per weight plus attention's 12 * L * C * T
+        (the PaLM paper's estimate, appendix B: https://arxiv.org/abs/2204.02311)."""
+        T = T or self.config.block_size
+        cfg = self.config
+        return 6 * self.num_params() + 6 * cfg.vocab_size * cfg.n_embd + 12 * cfg.n_layer * cfg.n_embd * T
+
+    def model_args(self) -> dict:
+        return asdict(self.config)
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, stop_tokens: tuple[int, ...] = (),
+                 callback: Callable[[torch.Tensor], None] | None = None,
+                 inputs_embeds: torch.Tensor | None = None, use_cache: bool = True) -> torch.Tensor:
+        """Continue idx: (B, T) by up to max_new_tokens tokens; returns (B, T + new).
+
+        temperature=0 is greedy. top_k keeps the k likeliest tokens, top_p the smallest set whose
+        probability reaches p. A row stops after emitting one of stop_tokens (later positions repeat it);
+        generation ends when every row has stopped. callback(tokens (B,)) sees each step as it comes.
+        inputs_embeds: (B, T, C) replaces the prompt's embeddings (images and audio spliced in).
+        When the context is full, generation stops.
+        """
+        B = idx.shape[0]
+        cache = KVCache(self.config, B, idx.device, self.transformer.wte.weight.dtype) if use_cache else None
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        stop = torch.tensor(stop_tokens, dtype=torch.long, device=idx.device)
+        for step in range(max_new_tokens):
+            if idx.shape[1] >= self.config.block_size:
+                break
+            if cache is not None and step > 0:
+                logits, _ = self(idx[:, -1:], kv_cache=cache)  # (B, 1, V)
+            elif inputs_embeds is not None:
+                embeds = inputs_embeds if step == 0 else torch.cat(
+                    [inputs_embeds, self.transformer.wte(idx[:, inputs_embeds.shape[1]:])], dim=1)
+                logits, _ = self(inputs_embeds=embeds, kv_cache=cache)
+            else:
+                logits, _ = self(idx, kv_cache=cache)
+            next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p)  # (B,)
+            next_token = torch.where(done, idx[:, -1], next_token)
+            idx = torch.cat([idx, next_token[:, None]], dim=1)  # (B, T + 1)
+            if callback is not None:
+                callback(next_token)
+            done |= torch.isin(next_token, stop)
+            if bool(done.all()):
+                break
+        return idx
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,
+                top_p: float | None) -> torch.Tensor:
+    """Pick one token per row from logits: (B, V) -> (B,)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # the mass before it is enough
+        logits = logits.masked_fill(drop_sorted.scatter(1, order, drop_sorted), float("-inf"))
+    return torch.multinomial(logits.softmax(dim=-1), num_samples=1)[:, 0]
