@@ -1,0 +1,73 @@
+"""Asking a trained model: load a checkpoint, lay out the prompt as training did, stream the answer.
+
+What this file teaches:
+- A checkpoint carries the model's shape, its weights, the resolved config and the tokenizer itself, so
+  it answers on its own wherever it is copied (no data folder needed).
+- The prompt is rendered by the same code as the training data (minimm/render.py): task token, the turns,
+  then `<|assistant|>`; generation stops at `<|end|>`, the token that closed every answer in training.
+- Streaming text from tokens: a token can end in the middle of a UTF-8 character, so we decode the whole
+  answer so far and emit only what is new and complete.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from minimm.gpt import GPT, GPTConfig
+from minimm.render import render_prompt
+from minimm.tokenizer import Tokenizer
+from minimm.training import load_checkpoint
+
+# when the user gives no temperature: near-greedy for code (one wrong token breaks it), freer for prose
+DEFAULT_TEMPERATURE = {"code": 0.2, "text": 0.8, "image": 0.7, "audio": 0.0}
+
+
+def load_model(out_dir: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, dict]:
+    """The model (eval mode, on device), its tokenizer and the raw checkpoint from out_dir/ckpt.pt."""
+    ckpt = load_checkpoint(Path(out_dir) / "ckpt.pt", device)
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    model.load_state_dict(state)
+    model.to(device).eval()
+    return model, Tokenizer.from_state(ckpt["tokenizer"]), ckpt
+
+
+class TextStream:
+    """Turns generated ids into text pieces as they arrive; call with each new id."""
+
+    def __init__(self, tok: Tokenizer, on_text: Callable[[str], None]):
+        self.tok, self.on_text, self.ids, self.emitted = tok, on_text, [], ""
+
+    def __call__(self, token_id: int) -> None:
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 character: wait for the next token
+            return
+        self.on_text(text[len(self.emitted):])
+        self.emitted = text
+
+
+@torch.no_grad()
+def ask(model: GPT, tok: Tokenizer, task: str, turns: list[tuple[str, str]], max_new_tokens: int = 256,
+        temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+        on_text: Callable[[str], None] | None = None) -> str:
+    """The model's answer to the conversation `turns` (ending with a user turn) for `task`."""
+    device = next(model.parameters()).device
+    prompt = render_prompt(tok, task, turns)
+    idx = torch.tensor([prompt], dtype=torch.long, device=device)
+    stops = (tok.special("<|end|>"), tok.eot)
+    stream = TextStream(tok, on_text) if on_text else None
+    stopped = False
+
+    def on_token(token: torch.Tensor) -> None:  # token: (1,)
+        nonlocal stopped
+        stopped = stopped or int(token[0]) in stops
+        if stream and not stopped:
+            stream(int(token[0]))
+
+    out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                         stop_tokens=stops, callback=on_token)
+    new = out[0, len(prompt):].tolist()
+    return tok.decode(new[:next((i for i, t in enumerate(new) if t in stops), len(new))])

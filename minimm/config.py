@@ -1,0 +1,173 @@
+"""Configuration: defaults in one dataclass, a config file of plain Python, then --key=value overrides.
+
+What this file teaches:
+- nanoGPT's convention (`python train.py config/mixed.py --batch_size=32`) with its two sharp edges filed
+  off: an unknown key is an error that names the key and the closest known ones (a typo never silently
+  trains the wrong model), and a value of the wrong type is an error that names the key, the expected
+  type and the given one.
+- Defaults live in one place, `TrainConfig`; a config file only lists what it changes.
+- The resolved config is printed and saved beside the run's outputs (and inside each checkpoint).
+
+Values on the command line are parsed with `ast.literal_eval` (`--lr=3e-4`, `--tasks=['text','code']`,
+`--compile=True`); anything that is not a Python literal is taken as a bare string (`--device=cuda`).
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class TrainConfig:
+    # where things go
+    out_dir: str = "out/mixed"
+    dataset: str = "mixed"  # data lives in data_dir/dataset
+    data_dir: str = "data"
+    train_files: list = field(default_factory=list)  # your own .jsonl/.txt files; empty: the bundled default
+    val_files: list = field(default_factory=list)  # empty: a val_fraction of train_files is held out
+    val_fraction: float = 0.05
+    media_dir: str = ""  # images/audio paths in JSONL are relative to this (default: the JSONL's folder)
+    init_from: str = "scratch"  # "scratch", "resume" (out_dir/ckpt.pt), or another run dir to start from
+    # data and tokenizer
+    tasks: list = field(default_factory=lambda: ["text", "code", "image", "audio"])
+    vocab_size: int = 2048  # BPE merges learned from the training split (special tokens come on top)
+    data_seed: int = 1337
+    data_scale: float = 1.0  # multiplies how many bundled examples prepare/mixed.py makes
+    max_bad_fraction: float = 0.1
+    # model
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 256
+    dropout: float = 0.0
+    bias: bool = True
+    pos_emb: str = "rope"
+    # optimisation
+    batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    max_iters: int = 2000
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_iters: int = 100
+    lr_decay_iters: typing.Optional[int] = None  # None: max_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0
+    # evaluation and logging
+    eval_interval: int = 250
+    eval_iters: int = 10
+    eval_samples: int = 50  # held-out prompts per task for the task metrics at the end
+    log_interval: int = 10
+    wandb_log: bool = False
+    wandb_project: str = "minimm"
+    # system
+    device: str = "auto"  # auto: cuda > mps > cpu
+    dtype: str = "auto"  # auto: bfloat16 on CUDA when supported, else float16 on CUDA, float32 elsewhere
+    compile: bool = False
+    kernels: str = "auto"  # "auto", "triton", "torch": see minimm/ops.py
+    seed: int = 1337
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _type_ok(value, annotation) -> bool:
+    """Does value fit the annotated type? An int is accepted where a float is expected."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, origin or annotation)
+
+
+def _type_name(annotation) -> str:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    return "None" if annotation is type(None) else getattr(annotation, "__name__", str(annotation))
+
+
+def parse_value(text: str):
+    """'3e-4' -> 0.0003, "['a','b']" -> list, 'True' -> True; anything else stays the string itself."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(config, overrides: dict, source: str):
+    """Set each key of overrides on the dataclass instance, checking names and types; return config."""
+    hints = typing.get_type_hints(type(config))
+    for key, value in overrides.items():
+        if key not in hints:
+            close = difflib.get_close_matches(key, list(hints), n=3, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise ConfigError(f"unknown config key '{key}' (from {source}){hint}")
+        if isinstance(value, int) and not isinstance(value, bool) and hints[key] is float:
+            value = float(value)
+        if not _type_ok(value, hints[key]):
+            raise ConfigError(f"config key '{key}' (from {source}) expects {_type_name(hints[key])}, "
+                              f"got {type(value).__name__} {value!r}")
+        setattr(config, key, value)
+    return config
+
+
+def load_config(argv: list[str], config_cls=TrainConfig):
+    """Build a config from the command line: [config_file.py] [--key=value | --key value ...].
+
+    A config file is plain Python; every top-level name that does not start with '_' is a setting.
+    For keys of type str the text is taken as it is (so --prompt 42 is the string "42").
+    """
+    config = config_cls()
+    hints = typing.get_type_hints(config_cls)
+    args = list(argv)
+    while args:
+        arg = args.pop(0)
+        if arg.startswith("--"):
+            key, sep, value = arg[2:].partition("=")
+            if not sep:
+                if not args:
+                    raise ConfigError(f"'{arg}' needs a value: --{key}=VALUE or --{key} VALUE")
+                value = args.pop(0)
+            parsed = value if hints.get(key) is str else parse_value(value)
+            apply_overrides(config, {key: parsed}, "the command line")
+        else:
+            path = Path(arg)
+            if not path.is_file():
+                raise ConfigError(f"config file not found: {arg}")
+            namespace: dict = {}
+            exec(compile(path.read_text(), str(path), "exec"), namespace)
+            settings = {k: v for k, v in namespace.items()
+                        if not k.startswith("_") and not isinstance(v, types.ModuleType)}
+            apply_overrides(config, settings, str(path))
+    return config
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)
+
+
+def describe(config) -> str:
+    """The resolved config, one key per line, for the log."""
+    width = max(len(k) for k in to_dict(config))
+    return "\n".join(f"  {k:<{width}} = {v!r}" for k, v in to_dict(config).items())
+
+
+def save_config(config, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(to_dict(config), indent=2) + "\n")
+    tmp.replace(path)

@@ -1,0 +1,100 @@
+"""The pieces of training that train.py reads as one loop: optimizer, schedule, loss weighting, checkpoints.
+
+What this file teaches:
+- AdamW (Loshchilov & Hutter 2017, https://arxiv.org/abs/1711.05101) with weight decay on matrices only:
+  biases and norm gains are not pulled towards zero. Only parameters that require grad are handed to the
+  optimizer, so a frozen base (LoRA, freeze flags) holds no optimizer state at all.
+- The schedule: linear warmup, then a cosine from learning_rate down to min_lr at lr_decay_iters.
+- Token-weighted gradient accumulation: the loss of a step is the sum of per-token losses over every
+  micro-batch divided by the step's total count of supervised tokens. A mean of micro-batch means would
+  weight a micro-batch with 3 answer tokens like one with 300; this way the step equals one big batch.
+- Checkpoints are written to a temporary file and renamed, so a crash mid-write never destroys the last
+  good checkpoint; they load with weights_only=True (no arbitrary code runs on load).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from minimm.data import Batches
+
+
+def configure_optimizer(model: nn.Module, weight_decay: float, learning_rate: float,
+                        betas: tuple[float, float], device_type: str) -> torch.optim.AdamW:
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in params if p.dim() >= 2]
+    no_decay = [p for n, p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
+
+
+def learning_rate_at(step: int, learning_rate: float, min_lr: float, warmup_iters: int,
+                     lr_decay_iters: int) -> float:
+    if step < warmup_iters:
+        return learning_rate * (step + 1) / warmup_iters
+    if step >= lr_decay_iters:
+        return min_lr
+    progress = (step - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def count_supervised(batches: list, world_size: int = 1) -> torch.Tensor:
+    """Supervised target tokens across the micro-batches of one step (and every rank under DDP)."""
+    count = sum((b.y != -100).sum() for b in batches).float()
+    if world_size > 1:
+        torch.distributed.all_reduce(count)
+    return count
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, batches: Batches, eval_iters: int, tasks: list[str],
+                  device: str, autocast) -> dict[str, float]:
+    """Validation loss overall and per task, from the per-token losses of eval_iters fixed batches."""
+    model.eval()
+    loss_sum = torch.zeros(len(tasks) + 1)
+    count = torch.zeros(len(tasks) + 1)
+    for i in range(eval_iters):
+        b = batches.get(i).to(device)
+        with autocast:
+            _, loss = model(b.x, b.y, segment_ids=b.segment_ids, reduction="none")  # (B, T)
+        loss = loss.float().cpu()
+        valid = b.y.cpu() != -100
+        task = b.task_ids.cpu()
+        for t in range(len(tasks)):
+            sel = valid & (task == t)
+            loss_sum[t] += loss[sel].sum()
+            count[t] += sel.sum()
+        loss_sum[-1] += loss[valid].sum()
+        count[-1] += valid.sum()
+    model.train()
+    out = {"all": (loss_sum[-1] / count[-1].clamp(min=1)).item()}
+    out.update({t: (loss_sum[i] / count[i]).item() for i, t in enumerate(tasks) if count[i] > 0})
+    return out
+
+
+def save_checkpoint(state: dict, path: str | Path) -> None:
+    """torch.save to path.tmp, then an atomic rename over path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, device: str = "cpu") -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: train one first, e.g. python train.py config/mixed.py")
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside DistributedDataParallel and torch.compile wrappers."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)

@@ -1,0 +1,69 @@
+"""Build a dataset from your own JSONL or text files (any schema of minimm/formats.py).
+
+    python prepare/jsonl.py --dataset=mydata --train_files="['chat.jsonl']" [--val_files=...] [--vocab_size=4096]
+
+train.py calls the same build() when its config sets train_files and the data is missing or stale.
+Without val_files, a val_fraction of the training examples is held out (chosen from data_seed). The
+validation examples are written back as JSONL (the conversation schema) so the final evaluation can ask
+the model the held-out prompts.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+from minimm.config import TrainConfig, load_config  # noqa: E402
+from minimm.data import build_dataset, describe_meta  # noqa: E402
+from minimm.formats import Example, read_examples, write_jsonl  # noqa: E402
+from minimm.tokenizer import Tokenizer  # noqa: E402
+
+
+def file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def settings_from_config(cfg: TrainConfig) -> dict:
+    """The inputs' contents (not just their names) are part of the settings: edit a file, rebuild."""
+    return {"builder": "jsonl-v1", "train_files": {f: file_digest(f) for f in cfg.train_files},
+            "val_files": {f: file_digest(f) for f in cfg.val_files}, "val_fraction": cfg.val_fraction,
+            "seed": cfg.data_seed, "vocab_size": cfg.vocab_size, "tasks": list(cfg.tasks),
+            "media_dir": cfg.media_dir}
+
+
+def as_row(ex: Example) -> dict:
+    row = {"task": ex.task, "conversations": [{"role": r, "content": t} for r, t in ex.turns]}
+    if ex.turns[0][0] == "text":
+        row = {"task": ex.task, "text": ex.turns[0][1]}
+    if ex.images:
+        row["image"] = ex.images
+    if ex.audio:
+        row["audio"] = ex.audio
+    return row
+
+
+def build(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
+    out_dir = Path(out_dir)
+    read = lambda files: [ex for f in files  # noqa: E731
+                          for ex in read_examples(f, cfg.media_dir or None, cfg.tasks, cfg.max_bad_fraction, log=log)]
+    train = read(cfg.train_files)
+    val = read(cfg.val_files)
+    if not val:
+        random.Random(cfg.data_seed).shuffle(train)
+        n_val = max(1, int(len(train) * cfg.val_fraction))
+        train, val = train[n_val:], train[:n_val]
+    write_jsonl(out_dir / "jsonl" / "val.jsonl", [as_row(ex) for ex in val])
+    corpus = "\n".join(text for ex in train for _, text in ex.turns)
+    tok = Tokenizer.train(corpus, cfg.vocab_size, list(cfg.tasks))
+    meta = build_dataset({"train": train, "val": val}, tok, out_dir, settings_from_config(cfg),
+                         {"train": [str(Path(f).resolve()) for f in cfg.train_files], "val": ["jsonl/val.jsonl"]})
+    log(describe_meta(meta))
+    return meta
+
+
+if __name__ == "__main__":
+    config = load_config(sys.argv[1:])
+    build(config, Path(config.data_dir) / config.dataset)

@@ -1,0 +1,183 @@
+"""Build data/mixed: the bundled default dataset, offline and deterministic from a seed.
+
+    python prepare/mixed.py [config/mixed.py] [--key=value ...]
+
+Everything comes from what every Python installation has, plus synthetic data drawn from the seed:
+- text: the prose of the Python documentation that the standard library ships (`pydoc_data.topics`) and
+  the standard library's module docstrings, both as instructions ("Explain the Python topic 'with'." ->
+  its opening paragraphs) and as plain pretraining text;
+- code: standard-library functions whose source parses with `ast`: instruction = the first sentence of
+  the docstring, input = the signature, output = the function without its docstring (the instruction
+  already says what it does; leaving the prose out keeps answers short enough for the CPU default);
+- image prompts: "Generate an image of ..." -> a detailed text-to-image prompt composed from subject,
+  style, lighting and setting vocabularies.
+The examples are written first as JSONL in the schemas of minimm/formats.py (so the default data
+exercises every reader), then read back, the tokenizer is trained on the training split, and the data
+is packed by minimm/data.py.
+"""
+from __future__ import annotations
+
+import ast
+import random
+import re
+import sys
+import sysconfig
+import textwrap
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+from minimm.config import TrainConfig, load_config  # noqa: E402
+from minimm.data import build_dataset, describe_meta  # noqa: E402
+from minimm.formats import IMAGE_MARKER, AUDIO_MARKER, read_examples, write_jsonl  # noqa: E402
+from minimm.tokenizer import Tokenizer  # noqa: E402
+
+N_CODE_VAL = 60  # held-out code instructions; the final evaluation asks 50 of them
+MAX_CODE_LINES = 16  # after the docstring is removed
+SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip", "site-packages", "__pycache__"}
+
+
+def settings_from_config(cfg: TrainConfig) -> dict:
+    """Everything that changes the bytes of data/mixed; a change makes the dataset stale."""
+    return {"builder": "mixed-v1", "seed": cfg.data_seed, "vocab_size": cfg.vocab_size,
+            "tasks": list(cfg.tasks), "scale": cfg.data_scale, "python": sys.version.split()[0]}
+
+
+def stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts))
+
+
+def clean(text: str) -> str:
+    """Drop the media markers a reader would take for an image or audio slot."""
+    return text.replace(IMAGE_MARKER, "<img>").replace(AUDIO_MARKER, "<aud>").strip()
+
+
+def paragraphs(text: str, max_chars: int) -> str:
+    """The opening paragraphs of text, whole, up to about max_chars."""
+    out = ""
+    for para in re.split(r"\n\s*\n", text.strip()):
+        if out and len(out) + len(para) > max_chars:
+            break
+        out = f"{out}\n\n{para}" if out else para
+    return out[: max_chars * 2]
+
+
+def text_rows(files: list[Path]) -> tuple[list[dict], list[dict]]:
+    """(instruction rows, plain-text rows) from the documentation topics and module docstrings."""
+    from pydoc_data.topics import topics
+    instructions, plain = [], []
+    for name in sorted(topics):
+        body = clean(topics[name])
+        instructions.append({"task": "text", "instruction": f"Explain the Python topic '{name}'.",
+                             "input": "", "output": paragraphs(body, 400)})
+        plain.append({"text": body})
+    for path in files:
+        try:
+            doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        if doc and len(doc) > 80:
+            module = path.stem if path.stem != "__init__" else path.parent.name
+            instructions.append({"task": "text", "instruction": f"What does the Python module '{module}' do?",
+                                 "input": "", "output": paragraphs(clean(doc), 300)})
+            plain.append({"text": clean(doc)})
+    return instructions, plain
+
+
+def code_rows(files: list[Path]) -> list[dict]:
+    """One instruction per short, undecorated, documented function of the standard library."""
+    rows, seen = [], set()
+    for path in files:
+        try:
+            source = path.read_text(encoding="utf-8")
+            tree = ast.parse(source)
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.FunctionDef) or node.decorator_list:
+                continue
+            doc = ast.get_docstring(node)
+            if not doc or len(node.body) < 2:
+                continue
+            sentence = re.split(r"(?<=\.)\s", " ".join(doc.split()), maxsplit=1)[0]
+            node.body = node.body[1:]  # the docstring goes; the instruction already says it
+            code = textwrap.dedent(ast.get_source_segment(source, node) or "")
+            code = ast.unparse(ast.parse(code)) if code else ""
+            if not code or code.count("\n") + 1 > MAX_CODE_LINES or len(sentence) > 200 or code in seen:
+                continue
+            seen.add(code)
+            signature = code.split("\n", 1)[0]
+            rows.append({"task": "code", "instruction": clean(sentence), "input": signature, "output": code})
+    return rows
+
+
+SUBJECTS = ["a red fox", "an old lighthouse", "a tiny robot", "a paper boat", "a mountain village", "a koi pond",
+            "a steam train", "a sleeping cat", "a glass greenhouse", "a hot air balloon", "a desert cactus",
+            "an owl on a branch", "a city street at night", "a bowl of ramen", "a snowy forest cabin",
+            "a sailing ship", "a vintage bicycle", "a field of sunflowers", "a giant tortoise", "a wizard's desk"]
+STYLES = ["watercolor painting", "oil painting", "pencil sketch", "isometric 3D render", "pixel art",
+          "studio photograph", "ukiyo-e woodblock print", "low-poly illustration", "charcoal drawing",
+          "children's book illustration"]
+LIGHTING = ["soft golden-hour light", "dramatic rim lighting", "overcast diffuse light", "neon glow",
+            "candlelight", "harsh midday sun", "moonlight", "foggy morning light"]
+SETTINGS = ["on a quiet hillside", "in a bustling market", "under a starry sky", "beside a misty lake",
+            "in a cozy attic", "on a windswept beach", "in an overgrown garden", "inside a cathedral"]
+DETAILS = ["highly detailed", "shallow depth of field", "muted pastel palette", "vivid colors",
+           "wide-angle composition", "centered composition", "fine film grain", "crisp lines"]
+
+
+def image_prompt_rows(rng: random.Random, n: int) -> list[dict]:
+    rows = []
+    for _ in range(n):
+        subject = rng.choice(SUBJECTS)
+        prompt = (f"{subject[0].upper()}{subject[1:]} {rng.choice(SETTINGS)}, {rng.choice(STYLES)}, "
+                  f"{rng.choice(LIGHTING)}, {', '.join(rng.sample(DETAILS, 2))}.")
+        rows.append({"task": "image", "instruction": f"Generate an image of {subject}.", "input": "",
+                     "output": prompt})
+    return rows
+
+
+def split_rows(rng: random.Random, rows: list[dict], n_val: int) -> tuple[list[dict], list[dict]]:
+    rows = rows[:]
+    rng.shuffle(rows)
+    return rows[n_val:], rows[:n_val]
+
+
+def build(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
+    """Write the JSONL files, train the tokenizer, pack; returns meta."""
+    t0 = time.time()
+    settings = settings_from_config(cfg)
+    out_dir = Path(out_dir)
+    rng = random.Random(cfg.data_seed)
+    files = stdlib_files()
+    instructions, plain = text_rows(files)
+    code = code_rows(files)
+    image_prompts = image_prompt_rows(rng, int(600 * cfg.data_scale))
+    jsonl = out_dir / "jsonl"
+    parts = {"text_instructions": (instructions, 20), "text_plain": (plain, 20), "code": (code, N_CODE_VAL),
+             "image_prompts": (image_prompts, 30)}
+    paths = {"train": [], "val": []}
+    for name, (rows, n_val) in parts.items():
+        train_rows, val_rows = split_rows(rng, rows, n_val)
+        train_rows = train_rows[: max(1, int(len(train_rows) * min(cfg.data_scale, 1.0)))]
+        for split, split_part in (("train", train_rows), ("val", val_rows)):
+            path = jsonl / f"{split}_{name}.jsonl"
+            write_jsonl(path, split_part)
+            paths[split].append(path)
+    splits = {split: [ex for p in ps for ex in read_examples(p, tasks=cfg.tasks, log=log)]
+              for split, ps in paths.items()}
+    corpus = "\n".join(text for ex in splits["train"] for _, text in ex.turns)
+    log(f"training the tokenizer: vocab {cfg.vocab_size} on {len(corpus) / 1e6:.1f} MB")
+    tok = Tokenizer.train(corpus, cfg.vocab_size, list(cfg.tasks))
+    sources = {split: [str(p.relative_to(out_dir)) for p in ps] for split, ps in paths.items()}
+    meta = build_dataset(splits, tok, out_dir, settings, sources)
+    log(describe_meta(meta))
+    log(f"built {out_dir} in {time.time() - t0:.0f} s")
+    return meta
+
+
+if __name__ == "__main__":
+    config = load_config(sys.argv[1:])
+    build(config, Path(config.data_dir) / config.dataset)

@@ -1,0 +1,90 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from minimm import ops
+from minimm.gpt import GPT, GPTConfig
+
+
+def tiny(pos_emb="rope", **kw) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(vocab_size=101, block_size=48, n_layer=2, n_head=3, n_embd=36, pos_emb=pos_emb, **kw))
+
+
+@pytest.mark.parametrize("pos_emb", ["rope", "learned"])
+def test_shapes_and_loss_equals_f_cross_entropy(pos_emb):
+    model = tiny(pos_emb)
+    idx = torch.randint(0, 101, (3, 29))
+    targets = torch.randint(0, 101, (3, 29))
+    targets[0, :5] = -100
+    logits, loss = model(idx, targets)
+    assert logits.shape == (3, 29, 101)
+    ref = F.cross_entropy(logits.view(-1, 101), targets.view(-1), ignore_index=-100)
+    torch.testing.assert_close(loss, ref)
+    logits, none = model(idx)
+    assert logits.shape == (3, 1, 101) and none is None
+    _, per_token = model(idx, targets, reduction="none")
+    assert per_token.shape == (3, 29) and (per_token[0, :5] == 0).all()
+
+
+def test_inputs_embeds_equals_ids():
+    model = tiny()
+    idx = torch.randint(0, 101, (2, 17))
+    a, _ = model(idx, idx)
+    b, _ = model(inputs_embeds=model.transformer.wte(idx), targets=idx)
+    torch.testing.assert_close(a, b)
+
+
+def test_overfits_a_tiny_batch():
+    model = tiny()
+    idx = torch.randint(0, 101, (4, 24))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1
+
+
+@pytest.mark.parametrize("pos_emb", ["rope", "learned"])
+def test_greedy_with_kv_cache_equals_without(pos_emb):
+    model = tiny(pos_emb).eval()
+    idx = torch.randint(0, 101, (2, 9))
+    with_cache = model.generate(idx, 30, temperature=0)
+    without = model.generate(idx, 30, temperature=0, use_cache=False)
+    assert torch.equal(with_cache, without)
+    assert with_cache.shape == (2, 39)
+
+
+def test_generate_stops_and_streams():
+    model = tiny().eval()
+    idx = torch.randint(0, 101, (1, 5))
+    first = model.generate(idx, 1, temperature=0)[0, -1].item()
+    seen = []
+    out = model.generate(idx, 20, temperature=0, stop_tokens=(first,), callback=lambda t: seen.append(int(t[0])))
+    assert out.shape[1] == 6 and seen == [first]
+
+
+def test_generate_stops_at_block_size():
+    model = tiny().eval()
+    out = model.generate(torch.zeros(1, 40, dtype=torch.long), 100, temperature=0)
+    assert out.shape[1] == model.config.block_size
+
+
+def test_sampling_filters():
+    torch.manual_seed(0)
+    from minimm.gpt import sample_next
+    logits = torch.tensor([[0.0, 5.0, 4.9, -3.0]])
+    picks = {int(sample_next(logits, 1.0, top_k=2, top_p=None)) for _ in range(200)}
+    assert picks == {1, 2}
+    picks = {int(sample_next(logits, 1.0, top_k=None, top_p=0.3)) for _ in range(200)}
+    assert picks == {1}
+
+
+def test_param_count_and_flops():
+    model = tiny()
+    total = sum(p.numel() for p in model.parameters())
+    assert model.num_params(non_embedding=False) == total
+    assert model.num_params() == total - 101 * 36
+    assert model.flops_per_token(48) > 6 * model.num_params()

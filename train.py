@@ -1,0 +1,211 @@
+"""Train minimm. One script for every task and modality; what it trains comes from the config.
+
+    python train.py config/mixed.py                       # the bundled default, on whatever you have
+    python train.py config/mixed.py --device=cpu --batch_size=8 --max_iters=200
+    python train.py config/mixed.py --init_from=resume    # continue out_dir/ckpt.pt exactly
+    torchrun --nproc_per_node=4 train.py config/mixed.py  # DistributedDataParallel over 4 GPUs
+
+Read it top to bottom: config, devices, data (built first when missing or stale), model, optimizer, then
+the loop: schedule, evaluation, token-weighted gradient accumulation, clipping, checkpoints.
+"""
+import json
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from minimm import ops
+from minimm.config import describe, load_config, save_config, to_dict
+from minimm.data import Batches, Split, dataset_status
+from minimm.evaluate import evaluate_tasks
+from minimm.gpt import GPT, GPTConfig
+from minimm.plot import plot_losses
+from minimm.tokenizer import Tokenizer
+from minimm.training import (configure_optimizer, count_supervised, evaluate_loss, learning_rate_at,
+                             load_checkpoint, save_checkpoint, unwrap)
+
+cfg = load_config(sys.argv[1:])
+
+# ---- processes and devices -----------------------------------------------------------------------------
+ddp = int(os.environ.get("RANK", -1)) != -1
+rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+master = rank == 0
+if cfg.device == "auto":
+    cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+if ddp:
+    torch.distributed.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo")
+    if cfg.device.startswith("cuda"):
+        cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(cfg.device)
+device_type = "cuda" if cfg.device.startswith("cuda") else cfg.device.split(":")[0]
+if cfg.dtype == "auto":
+    cfg.dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
+scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
+torch.manual_seed(cfg.seed + rank)
+backend = ops.set_backend(cfg.kernels, cfg.device)
+out_dir = Path(cfg.out_dir)
+log = tqdm.write if master else (lambda *a, **k: None)
+
+# ---- data: built here when missing or stale ------------------------------------------------------------
+data_dir = Path(cfg.data_dir) / cfg.dataset
+if cfg.train_files:
+    from prepare.jsonl import build, settings_from_config
+elif cfg.dataset == "mixed":
+    from prepare.mixed import build, settings_from_config
+else:
+    build = settings_from_config = None
+if master:
+    status = dataset_status(data_dir, settings_from_config(cfg)) if build else "ok"
+    if status != "ok":
+        log(f"dataset {data_dir} is {status}: building it")
+        build(cfg, data_dir, log=log)
+    elif not (data_dir / "meta.json").is_file():
+        sys.exit(f"no dataset at {data_dir}: set train_files=[...] in the config or use dataset='mixed'")
+if ddp:
+    torch.distributed.barrier()
+tok = Tokenizer.load(data_dir / "tokenizer")
+train_batches = Batches(Split(data_dir, "train", cfg.block_size), cfg.batch_size, cfg.seed, rank, world_size)
+val_batches = Batches(Split(data_dir, "val", cfg.block_size), cfg.batch_size, cfg.seed + 1)
+tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world_size
+
+# ---- model and optimizer -------------------------------------------------------------------------------
+model_args = dict(vocab_size=tok.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
+                  n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, pos_emb=cfg.pos_emb)
+start_step, ckpt = 0, None
+if cfg.init_from == "resume":
+    ckpt = load_checkpoint(out_dir / "ckpt.pt", cfg.device)
+    model_args, start_step = ckpt["model_args"], ckpt["step"]
+elif cfg.init_from != "scratch":
+    ckpt = load_checkpoint(Path(cfg.init_from) / "ckpt.pt", cfg.device)  # fine-tune: weights only
+    model_args = {**ckpt["model_args"], "dropout": cfg.dropout}
+model = GPT(GPTConfig(**model_args))
+if ckpt is not None:
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+model.to(cfg.device)
+optimizer = configure_optimizer(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+if cfg.init_from == "resume":
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+ckpt = None  # free it
+lr_decay_iters = cfg.lr_decay_iters or cfg.max_iters
+n_params = model.num_params()
+trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+log(f"config:\n{describe(cfg)}")
+log(f"model: {n_params / 1e6:.2f}M parameters (non-embedding), {trainable / 1e6:.2f}M trainable; "
+    f"{model.flops_per_token() / 1e6:.1f} MFLOP per token; kernels: {backend}; device {cfg.device} {cfg.dtype}")
+if cfg.compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[torch.device(cfg.device).index] if device_type == "cuda" else None)
+if master:
+    save_config(cfg, out_dir / "config.json")
+wandb = None
+if cfg.wandb_log and master:
+    try:
+        import wandb
+        wandb.init(project=cfg.wandb_project, name=out_dir.name, config=to_dict(cfg))
+    except ImportError:
+        log("wandb_log=True but wandb is not installed: pip install wandb (logging to log.jsonl only)")
+
+
+def checkpoint(step: int) -> None:
+    if master:
+        save_checkpoint({"model": unwrap(model).state_dict(), "model_args": model_args,
+                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                         "rng": {"torch": torch.get_rng_state()}, "config": to_dict(cfg),
+                         "tokenizer": tok.state()}, out_dir / "ckpt.pt")
+
+
+def write_log(record: dict) -> None:
+    with open(out_dir / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+    if wandb:
+        wandb.log(record, step=record["step"])
+
+
+stop_requested = False
+
+
+def request_stop(signum, frame):  # first Ctrl-C: finish the step, save, exit; second: stop at once
+    global stop_requested
+    if stop_requested:
+        raise KeyboardInterrupt
+    stop_requested = True
+
+
+signal.signal(signal.SIGINT, request_stop)
+
+# ---- the loop ------------------------------------------------------------------------------------------
+step = start_step
+bar = tqdm(total=cfg.max_iters, initial=step, disable=not master, dynamic_ncols=True, desc="train")
+t_last, tokens_since = time.time(), 0
+while step < cfg.max_iters and not stop_requested:
+    lr = learning_rate_at(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, lr_decay_iters)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if step % cfg.eval_interval == 0 and step > start_step and master:
+        val = evaluate_loss(unwrap(model), val_batches, cfg.eval_iters, tok.tasks, cfg.device, autocast)
+        write_log({"step": step, "val": val, "lr": lr})
+        checkpoint(step)
+
+    micro_batches = [train_batches.get(step * cfg.gradient_accumulation_steps + m).to(cfg.device)
+                     for m in range(cfg.gradient_accumulation_steps)]
+    n_supervised = count_supervised(micro_batches, world_size).clamp(min=1)
+    task_loss = torch.zeros(len(tok.tasks), device=cfg.device)
+    task_count = torch.zeros(len(tok.tasks), device=cfg.device)
+    for m, b in enumerate(micro_batches):
+        if ddp:  # only the last micro-batch all-reduces the gradients
+            model.require_backward_grad_sync = m == len(micro_batches) - 1
+        with autocast:
+            _, token_loss = model(b.x, b.y, segment_ids=b.segment_ids, reduction="none")  # (B, T)
+        # sum / (supervised tokens of the whole step); DDP averages over ranks, so scale by world_size
+        loss = token_loss.float().sum() * world_size / n_supervised
+        scaler.scale(loss).backward()
+        valid = (b.y != -100).float()
+        task_loss.scatter_add_(0, b.task_ids.flatten(), (token_loss.float().detach() * valid).flatten())
+        task_count.scatter_add_(0, b.task_ids.flatten(), valid.flatten())
+    step_loss = (task_loss.sum() / task_count.sum().clamp(min=1)).item()
+    if not torch.isfinite(torch.tensor(step_loss)):
+        bar.close()
+        sys.exit(f"loss became {step_loss} at step {step}; stopped without saving, so {out_dir / 'ckpt.pt'} "
+                 f"still holds the last good weights. Try a lower learning_rate, a longer warmup_iters, "
+                 f"grad_clip=1.0, or dtype=float32/bfloat16 instead of float16; then --init_from=resume.")
+    if cfg.grad_clip > 0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    step += 1
+    tokens_since += tokens_per_step
+    if master and (step % cfg.log_interval == 0 or step == cfg.max_iters):
+        tokens_per_sec = tokens_since / (time.time() - t_last)
+        t_last, tokens_since = time.time(), 0
+        per_task = {t: (task_loss[i] / task_count[i]).item() for i, t in enumerate(tok.tasks) if task_count[i] > 0}
+        write_log({"step": step, "train": {"all": step_loss, **per_task}, "lr": lr, "tokens_per_sec": tokens_per_sec})
+        bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_sec:,.0f}")
+    bar.update(1)
+bar.close()
+
+# ---- the end: checkpoint, final evaluation, loss curves -------------------------------------------------
+checkpoint(step)
+if stop_requested:
+    log(f"interrupted at step {step}; saved {out_dir / 'ckpt.pt'} (continue with --init_from=resume)")
+elif master:
+    val = evaluate_loss(unwrap(model), val_batches, cfg.eval_iters, tok.tasks, cfg.device, autocast)
+    write_log({"step": step, "val": val, "lr": lr})
+    results = evaluate_tasks(unwrap(model), tok, data_dir, val, cfg, log=log)
+    (out_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    log("final evaluation:\n" + "\n".join(f"  {t}: {m}" for t, m in results.items()))
+    plot_losses(out_dir / "log.jsonl", out_dir / "loss.png")
+if ddp:
+    torch.distributed.destroy_process_group()
