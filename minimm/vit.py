@@ -60,7 +60,8 @@ class ViTConfig:
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
-            raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+            raise ValueError(f"image_size={self.image_size} is not a multiple of "
+                             f"patch_size={self.patch_size}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
 
@@ -90,7 +91,7 @@ def unpatchify(patches: torch.Tensor, patch_size: int, height: int, width: int) 
 
 
 def interpolate_pos_emb(grid: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
-    """grid: (gh0, gw0, C) learned position embeddings -> (gh * gw, C), bilinearly resized when the grid differs."""
+    """grid: (gh0, gw0, C) learned position embeddings -> (gh * gw, C), resized bilinearly if need be."""
     if grid.shape[:2] != (gh, gw):
         x = grid.permute(2, 0, 1)[None]  # (1, C, gh0, gw0): F.interpolate wants channels first
         x = F.interpolate(x, size=(gh, gw), mode="bilinear", align_corners=False)  # (1, C, gh, gw)
@@ -157,7 +158,8 @@ class ViT(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.apply(self._init_weights)
         nn.init.normal_(self.pos_emb, std=0.02)
-        for name, p in self.named_parameters():  # GPT-2: residual writes shrink with depth, keeping the sum's scale
+        # GPT-2's init: the writes into the residual stream shrink with depth, so the sum keeps its scale
+        for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
 

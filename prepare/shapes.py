@@ -1,0 +1,277 @@
+"""Synthetic image tasks, drawn with Pillow from a seed: the bundled image data of the default run.
+
+What this file teaches:
+- A task a small model can learn from scratch on a CPU in minutes: scenes of 1 to 3 flat shapes and short
+  words, with questions whose exact answers are decidable from the pixels at the configured image size.
+- How to keep every answer unambiguous by construction: each shape of a scene sits in its own column of a
+  3x3 grid, its centre well inside a cell, so "where" and "left of" never depend on a pixel; "What color
+  is the triangle?" is asked only when one triangle is in the scene, "Where is the red shape?" only when
+  one shape is red.
+- Determinism: image i of a seed comes from its own generator, numpy's default_rng([seed, i]), so the same
+  seed gives the same PNG bytes (with the same numpy and Pillow) and a longer run starts with the images of
+  a shorter one.
+- Anti-aliasing by supersampling: everything is drawn at SUPERSAMPLE times the size, then averaged down
+  with a box filter, so an 8-pixel shape still has the right silhouette and a pure colour at its centre.
+
+Questions (the "kind" of each row, so the evaluation can report accuracy per question type):
+  describe  "Describe the image."         -> "a red circle left of a blue square" (shapes left to right)
+  count     "How many shapes are there?"  -> "2"
+  color     "What color is the triangle?" -> "green"
+  where     "Where is the red shape?"     -> "top left" (one of WHERE, the 3x3 cell holding its centre)
+  read      "What does the text say?"     -> "fish" (a word of WORDS drawn with Pillow's built-in font)
+
+Default size: 48x48 pixels (IMAGE_SIZE). A 6-letter word then gets about 7 pixels per letter, which is
+the least at which the letters stay legible after anti-aliasing; 32x32 leaves 5 and smears them.
+Run: python prepare/shapes.py --out_dir data/shapes --n_train 4000 --n_val 200
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+
+from minimm.formats import write_jsonl  # noqa: E402
+
+IMAGE_SIZE = 48
+SUPERSAMPLE = 4  # drawn at 4x, then each output pixel is the mean of 4x4 drawn ones
+COLORS = {  # far apart in RGB (>= 100) and from the grey backgrounds, so a noisy pixel still tells them apart
+    "red": (220, 30, 30),
+    "orange": (250, 140, 20),
+    "yellow": (240, 225, 40),
+    "green": (30, 170, 50),
+    "blue": (30, 70, 230),
+    "purple": (150, 40, 190),
+    "white": (250, 250, 250),
+}
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+ROWS = ("top", "", "bottom")
+COLUMNS = ("left", "", "right")
+WHERE = tuple(" ".join(w for w in (row, col) if w) or "center" for row in ROWS for col in COLUMNS)
+WORDS = ("cat", "dog", "sun", "map", "box", "jam", "cup", "hat", "key", "pen", "fox", "owl", "bee", "ice",
+         "tree", "fish", "bird", "moon", "sand", "rain", "ship", "lamp", "frog", "milk", "door", "book",
+         "kite", "wolf", "leaf", "snow", "apple", "house", "river", "plant", "cloud", "horse", "bread",
+         "chair", "light", "water", "stone", "tiger", "garden", "window", "candle", "button", "pirate",
+         "silver", "rocket", "forest", "pencil", "monkey", "bottle", "jungle")
+KINDS = ("describe", "count", "color", "where", "read")
+QUESTIONS = {
+    "describe": "Describe the image.",
+    "count": "How many shapes are there?",
+    "color": "What color is the {shape}?",
+    "where": "Where is the {color} shape?",
+    "read": "What does the text say?",
+}
+TEXT_SCHEMA_FRACTION = 0.2  # rows written as {"text", "image", "response"}, so that reader is exercised too
+
+# Geometry, as fractions of a grid cell (image_size / 3). A centre stays 0.5 - JITTER = 0.32 cells (7.7
+# pixels at 48) from every cell edge, so the cell that holds it is plain to see.
+JITTER = 0.18
+RADIUS = (0.30, 0.45)  # circumradius: 4.8 to 7.2 pixels at 48, so every shape spans at least 9 pixels
+GAP = 2.0  # pixels between the bounding circles of two shapes: their blurred edges never touch
+
+
+@dataclass
+class Shape:
+    """One drawn shape; x, y (its centre) and r (its bounding radius) in output pixels."""
+
+    name: str
+    color: str
+    x: float
+    y: float
+    r: float
+    angle: float
+    where: str
+
+
+@dataclass
+class ImageExample:
+    """One picture and its question. shapes is empty for "read"; word is empty otherwise."""
+
+    image: Image.Image
+    kind: str
+    question: str
+    answer: str
+    shapes: list[Shape] = field(default_factory=list)
+    word: str = ""
+
+
+def split_seed(seed: int, split: str) -> int:
+    """The seed of a split: train and val never share a generator, whatever seed the user picks."""
+    return 2 * seed + {"train": 0, "val": 1}[split]
+
+
+def make_example(seed: int, index: int, image_size: int = IMAGE_SIZE) -> ImageExample:
+    """Image `index` of `seed`: a question kind drawn uniformly, then a scene where it is well posed."""
+    rng = np.random.default_rng([seed, index])
+    kind = KINDS[rng.integers(len(KINDS))]
+    background = _background(rng)
+    if kind == "read":
+        word = WORDS[rng.integers(len(WORDS))]
+        image = _draw_word(rng, word, image_size, background)
+        return ImageExample(image, kind, QUESTIONS[kind], word, word=word)
+    while True:  # rejection: redraw until the question has exactly one right answer
+        shapes = _place_shapes(rng, image_size)
+        question, answer = _ask(rng, kind, shapes)
+        if answer is not None:
+            image = _draw_shapes(rng, shapes, image_size, background)
+            return ImageExample(image, kind, question, answer, shapes)
+
+
+def make_image_examples(out_dir: str | Path, n: int, seed: int, image_size: int = IMAGE_SIZE,
+                        relative_to: str | Path | None = None) -> list[dict]:
+    """Write n PNGs under out_dir and return one JSONL row per image.
+
+    Rows are in the conversation schema, or for a TEXT_SCHEMA_FRACTION of them the {"text", "image",
+    "response"} schema; both carry "kind". "image" paths are relative to `relative_to` (default out_dir),
+    which should be the directory of the JSONL file the rows go into.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    relative_to = Path(relative_to) if relative_to is not None else out_dir
+    rows = []
+    for i in range(n):
+        example = make_example(seed, i, image_size)
+        path = out_dir / f"{i:06d}.png"
+        example.image.save(path, format="PNG")
+        image = path.resolve().relative_to(relative_to.resolve()).as_posix()
+        if np.random.default_rng([seed, i, 1]).random() < TEXT_SCHEMA_FRACTION:
+            rows.append({"task": "image", "text": example.question, "image": image,
+                         "response": example.answer, "kind": example.kind})
+        else:
+            rows.append({"task": "image", "conversations": [
+                {"role": "user", "content": "<image>\n" + example.question},
+                {"role": "assistant", "content": example.answer}], "image": image, "kind": example.kind})
+    return rows
+
+
+def _background(rng: np.random.Generator) -> tuple[int, int, int]:
+    """A mid grey with a slight tint: far from white, from every colour, and from the dark text."""
+    level = rng.integers(95, 166)
+    return tuple(int(c) for c in np.clip(level + rng.integers(-15, 16, size=3), 0, 255))
+
+
+def _place_shapes(rng: np.random.Generator, image_size: int) -> list[Shape]:
+    """1 to 3 shapes, each in its own column, sorted left to right, not touching, inside the image."""
+    cell = image_size / 3
+    n = int(rng.integers(1, 4))
+    while True:
+        columns = np.sort(rng.choice(3, size=n, replace=False))
+        shapes = []
+        for col in columns:
+            row = int(rng.integers(3))
+            x = (col + 0.5 + rng.uniform(-JITTER, JITTER)) * cell
+            y = (row + 0.5 + rng.uniform(-JITTER, JITTER)) * cell
+            r = min(rng.uniform(*RADIUS) * cell, x, y, image_size - x, image_size - y)
+            shapes.append(Shape(SHAPES[rng.integers(len(SHAPES))], list(COLORS)[rng.integers(len(COLORS))],
+                                x, y, r, rng.uniform(0, 2 * math.pi), WHERE[3 * row + int(col)]))
+        if all(math.dist((a.x, a.y), (b.x, b.y)) >= a.r + b.r + GAP
+               for i, a in enumerate(shapes) for b in shapes[i + 1:]):
+            return shapes
+
+
+def _ask(rng: np.random.Generator, kind: str, shapes: list[Shape]) -> tuple[str, str | None]:
+    """The question of `kind` about these shapes and its answer; answer None when it would be ambiguous."""
+    if kind == "describe":
+        return QUESTIONS[kind], " left of ".join(f"a {s.color} {s.name}" for s in shapes)
+    if kind == "count":
+        return QUESTIONS[kind], str(len(shapes))
+    attribute = "name" if kind == "color" else "color"
+    values = [getattr(s, attribute) for s in shapes]
+    unique = [s for s, v in zip(shapes, values) if values.count(v) == 1]
+    if not unique:
+        return "", None
+    shape = unique[rng.integers(len(unique))]
+    if kind == "color":
+        return QUESTIONS[kind].format(shape=shape.name), shape.color
+    return QUESTIONS[kind].format(color=shape.color), shape.where
+
+
+def _outline(shape: Shape, scale: float) -> list[tuple[float, float]]:
+    """Polygon vertices of a non-circle shape at `scale` times the output size, rotated by shape.angle."""
+    if shape.name == "square":
+        radii, angles = [1.0] * 4, [math.pi / 4 + k * math.pi / 2 for k in range(4)]
+    elif shape.name == "triangle":
+        radii, angles = [1.0] * 3, [k * 2 * math.pi / 3 for k in range(3)]
+    elif shape.name == "star":  # 5 points, inner radius 0.5: fat enough to stay a star when small
+        radii, angles = [1.0, 0.5] * 5, [k * math.pi / 5 for k in range(10)]
+    else:  # cross: a plus sign whose arms are 0.5 r wide
+        half = 0.25
+        corners = [(half, 1), (half, half), (1, half), (1, -half), (half, -half), (half, -1)]
+        corners += [(-u, -v) for u, v in corners]
+        radii = [math.hypot(u, v) / math.hypot(1, half) for u, v in corners]
+        angles = [math.atan2(v, u) for u, v in corners]
+    return [((shape.x + shape.r * k * math.cos(a + shape.angle)) * scale,
+             (shape.y + shape.r * k * math.sin(a + shape.angle)) * scale) for k, a in zip(radii, angles)]
+
+
+def _draw_shapes(rng: np.random.Generator, shapes: list[Shape], image_size: int,
+                 background: tuple[int, int, int]) -> Image.Image:
+    big = Image.new("RGB", (image_size * SUPERSAMPLE,) * 2, background)
+    draw = ImageDraw.Draw(big)
+    for shape in shapes:
+        if shape.name == "circle":  # 0.9 r: a full-radius disc looks bigger than the polygons beside it
+            x, y, r = (v * SUPERSAMPLE for v in (shape.x, shape.y, 0.9 * shape.r))
+            draw.ellipse((x - r, y - r, x + r, y + r), fill=COLORS[shape.color])
+        else:
+            draw.polygon(_outline(shape, SUPERSAMPLE), fill=COLORS[shape.color])
+    return _finish(rng, big, image_size)
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Pillow's built-in font at `size` pixels; Pillow built without FreeType only has a small bitmap one."""
+    try:
+        return ImageFont.load_default(size=size)
+    except ImportError:
+        return ImageFont.load_default()
+
+
+def _draw_word(rng: np.random.Generator, word: str, image_size: int,
+               background: tuple[int, int, int]) -> Image.Image:
+    """The word at a random size and place, dark or light, whichever stands out more from the background."""
+    margin = 2 * SUPERSAMPLE
+    size = int(rng.uniform(0.30, 0.50) * image_size * SUPERSAMPLE)
+    font = _font(size)
+    left, top, right, bottom = font.getbbox(word)
+    while right - left > image_size * SUPERSAMPLE - 2 * margin:  # shrink until the word fits the width
+        size = int(size * 0.9)
+        font = _font(size)
+        left, top, right, bottom = font.getbbox(word)
+    x = rng.uniform(margin, image_size * SUPERSAMPLE - margin - (right - left)) - left
+    y = rng.uniform(margin, image_size * SUPERSAMPLE - margin - (bottom - top)) - top
+    ink = (20, 20, 20) if sum(background) > 3 * 128 else (245, 245, 245)
+    big = Image.new("RGB", (image_size * SUPERSAMPLE,) * 2, background)
+    ImageDraw.Draw(big).text((x, y), word, fill=ink, font=font)
+    return _finish(rng, big, image_size)
+
+
+def _finish(rng: np.random.Generator, big: Image.Image, image_size: int) -> Image.Image:
+    """Box-filter down to image_size, then add Gaussian pixel noise of a random strength (sigma 0 to 6)."""
+    pixels = np.asarray(big.resize((image_size, image_size), Image.Resampling.BOX), dtype=np.float32)
+    pixels = pixels + rng.normal(0.0, rng.uniform(0.0, 6.0), size=pixels.shape)
+    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+
+
+def _write_split(out_dir: Path, split: str, n: int, seed: int, image_size: int) -> None:
+    start = time.perf_counter()
+    rows = make_image_examples(out_dir / split, n, split_seed(seed, split), image_size, relative_to=out_dir)
+    write_jsonl(out_dir / f"{split}.jsonl", rows)
+    print(f"{split}: {n} images in {time.perf_counter() - start:.1f} s -> {out_dir / split}.jsonl")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out_dir", default="data/shapes")
+    parser.add_argument("--n_train", type=int, default=4000)
+    parser.add_argument("--n_val", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--image_size", type=int, default=IMAGE_SIZE)
+    args = parser.parse_args()
+    for split, n in (("train", args.n_train), ("val", args.n_val)):
+        _write_split(Path(args.out_dir), split, n, args.seed, args.image_size)

@@ -1,0 +1,144 @@
+"""Tests for prepare/shapes.py: determinism, well-formed rows of every kind, and answers that can be read
+back from the pixels alone (colour blobs found by distance from the background, no metadata)."""
+import hashlib
+import re
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minimm.formats import read_examples, write_jsonl
+from prepare import shapes
+from prepare.shapes import COLORS, KINDS, SHAPES, WHERE, WORDS, make_example, make_image_examples, split_seed
+
+SIZE = shapes.IMAGE_SIZE
+PALETTE = np.array(list(COLORS.values()), dtype=np.float64)
+NAMES = list(COLORS)
+DESCRIBE = re.compile(rf"a ({'|'.join(NAMES)}) ({'|'.join(SHAPES)})(?: left of a ({'|'.join(NAMES)}) "
+                      rf"({'|'.join(SHAPES)})){{0,2}}")
+
+
+def _digests(out_dir: Path, rows: list[dict]) -> list[str]:
+    return [hashlib.sha256((out_dir / row["image"]).read_bytes()).hexdigest() for row in rows]
+
+
+def test_same_seed_same_bytes(tmp_path):
+    rows_a = make_image_examples(tmp_path / "a", 15, seed=7, image_size=SIZE)
+    rows_b = make_image_examples(tmp_path / "b", 15, seed=7, image_size=SIZE)
+    assert rows_a == rows_b
+    assert _digests(tmp_path / "a", rows_a) == _digests(tmp_path / "b", rows_b)
+    rows_c = make_image_examples(tmp_path / "c", 15, seed=8, image_size=SIZE)
+    assert len(set(_digests(tmp_path / "a", rows_a)) & set(_digests(tmp_path / "c", rows_c))) == 0
+
+
+def test_validation_seed_differs_from_training(tmp_path):
+    seeds = [split_seed(s, split) for s in range(100) for split in ("train", "val")]
+    assert len(set(seeds)) == len(seeds)  # no val split of one seed is the train split of another
+    train = make_image_examples(tmp_path / "train", 20, split_seed(1337, "train"), SIZE)
+    val = make_image_examples(tmp_path / "val", 20, split_seed(1337, "val"), SIZE)
+    assert not set(_digests(tmp_path / "train", train)) & set(_digests(tmp_path / "val", val))
+
+
+def test_rows_are_well_formed_and_readable_by_formats(tmp_path):
+    rows = make_image_examples(tmp_path / "images", 120, seed=3, image_size=SIZE, relative_to=tmp_path)
+    assert {row["kind"] for row in rows} == set(KINDS)
+    schemas = {"conversations" if "conversations" in row else "response" for row in rows}
+    assert schemas == {"conversations", "response"}
+    for row in rows:
+        assert (tmp_path / row["image"]).is_file() and row["image"].startswith("images/")
+        if "conversations" in row:
+            user, assistant = row["conversations"]
+            assert user["role"] == "user" and user["content"].startswith("<image>\n")
+            question, answer = user["content"][len("<image>\n"):], assistant["content"]
+        else:
+            question, answer = row["text"], row["response"]
+        kind = row["kind"]
+        if kind == "describe":
+            assert question == "Describe the image." and DESCRIBE.fullmatch(answer), answer
+        elif kind == "count":
+            assert answer in ("1", "2", "3")
+        elif kind == "color":
+            assert re.fullmatch(rf"What color is the ({'|'.join(SHAPES)})\?", question) and answer in COLORS
+        elif kind == "where":
+            assert re.fullmatch(rf"Where is the ({'|'.join(NAMES)}) shape\?", question) and answer in WHERE
+        else:
+            assert question == "What does the text say?" and answer in WORDS
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    examples = list(read_examples(tmp_path / "train.jsonl", log=lambda line: pytest.fail(line)))
+    assert len(examples) == len(rows) and all(e.task == "image" and len(e.images) == 1 for e in examples)
+
+
+def _blobs(pixels: np.ndarray) -> list[tuple[str, float, float]]:
+    """(colour name, centre x, centre y) of each 8-connected region that stands out from the background."""
+    background = np.median(pixels.reshape(-1, 3), axis=0)
+    foreground = np.linalg.norm(pixels - background, axis=-1) > 60
+    seen = np.zeros_like(foreground)
+    blobs = []
+    for start in zip(*np.nonzero(foreground)):
+        if seen[start]:
+            continue
+        seen[start] = True
+        queue, members = deque([start]), []
+        while queue:
+            y, x = queue.popleft()
+            members.append((y, x))
+            for ny, nx in ((y + dy, x + dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)):
+                if 0 <= ny < SIZE and 0 <= nx < SIZE and foreground[ny, nx] and not seen[ny, nx]:
+                    seen[ny, nx] = True
+                    queue.append((ny, nx))
+        ys, xs = np.array(members).T
+        nearest = np.linalg.norm(pixels[ys, xs, None] - PALETTE, axis=-1).argmin(axis=1)
+        blobs.append((NAMES[np.bincount(nearest).argmax()], xs.mean(), ys.mean()))
+    return blobs
+
+
+def _cell(x: float, y: float) -> str:
+    return WHERE[3 * int(y * 3 // SIZE) + int(x * 3 // SIZE)]
+
+
+def test_answers_agree_with_the_pixels():
+    checked = dict.fromkeys(KINDS, 0)
+    for i in range(150):
+        example = make_example(11, i, SIZE)
+        pixels = np.asarray(example.image, dtype=np.float64)
+        checked[example.kind] += 1
+        if example.kind == "read":
+            continue
+        blobs = sorted(_blobs(pixels), key=lambda blob: blob[1])
+        assert len(blobs) == len(example.shapes), (i, blobs)  # count: one blob per shape
+        if example.kind == "count":
+            assert str(len(blobs)) == example.answer
+        elif example.kind == "describe":
+            assert [name for name, _, _ in blobs] == re.findall(rf"a ({'|'.join(NAMES)}) ", example.answer)
+        elif example.kind == "where":
+            colour = example.question.split()[3]
+            (x, y), = [(x, y) for name, x, y in blobs if name == colour]
+            assert _cell(x, y) == example.answer
+        else:  # colour: the pixels at the named shape's centre have the answered colour
+            shape, = [s for s in example.shapes if s.name == example.question.split()[-1][:-1]]
+            centre = pixels[round(shape.y) - 1:round(shape.y) + 2, round(shape.x) - 1:round(shape.x) + 2]
+            nearest = np.linalg.norm(centre.reshape(-1, 1, 3) - PALETTE, axis=-1).argmin(axis=1)
+            assert all(NAMES[k] == example.answer for k in nearest)
+    assert min(checked.values()) >= 15
+
+
+def test_shapes_and_text_are_big_enough_to_see():
+    for i in range(150):
+        example = make_example(5, i, SIZE)
+        if example.kind != "read":
+            assert all(2 * s.r >= 9 for s in example.shapes)  # at least 9 pixels across
+            continue
+        pixels = np.asarray(example.image, dtype=np.float64)
+        ink = np.linalg.norm(pixels - np.median(pixels.reshape(-1, 3), axis=0), axis=-1) > 60
+        ys, xs = np.nonzero(ink)
+        assert ys.min() > 0 and xs.min() > 0 and ys.max() < SIZE - 1 and xs.max() < SIZE - 1  # not cut off
+        assert ys.max() - ys.min() + 1 >= 7  # letters at least 7 pixels tall: legible
+        assert (xs.max() - xs.min() + 1) >= 4 * len(example.word)
+
+
+@pytest.mark.parametrize("image_size", [36, 64])
+def test_other_image_sizes(image_size):
+    for i in range(10):
+        example = make_example(2, i, image_size)
+        assert example.image.size == (image_size, image_size) and example.image.mode == "RGB"
