@@ -14,10 +14,11 @@ What this file teaches:
   the base model costs. `unmerge_lora` undoes it, bit for bit.
 - Which layers: `apply_lora` wraps every nn.Linear whose qualified name matches a regular expression
   (re.search, so a pattern matches anywhere in the name). The defaults adapt attention and MLP of every
-  block: the GPT's `transformer.h.N`, and the image and audio encoders' blocks as long as they name their
-  Linears the same way. The tied output head (lm_head shares its weight with the token embedding) is
-  never adapted, and modules named `*projector*` are left out by default: a multimodal fine-tune trains
-  them fully, by name, with `mark_trainable(model, "projector")`.
+  block: the GPT's `transformer.h.N`, the audio encoder's and the ViT's `blocks.N` (the ViT names its
+  Linears qkv / proj / fc, the others c_attn / c_proj / c_fc: DEFAULT_TARGETS lists both). The tied
+  output head (lm_head shares its weight with the token embedding) is never adapted, and modules named
+  `*projector*` are left out by default: a multimodal fine-tune trains them fully, by name, with
+  `mark_trainable(model, "projector")`.
 
 Shape letters: in / out a Linear's features, r the LoRA rank; x: (..., in) for any leading dimensions.
 """
@@ -34,7 +35,10 @@ import torch.nn.functional as F
 
 from minimm.quant import KINDS, QuantLinear
 
-DEFAULT_TARGETS = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+DEFAULT_TARGETS = [
+    r"attn\.c_attn$", r"attn\.c_proj$", r"mlp\.c_fc$", r"mlp\.c_proj$",  # GPT and audio encoder blocks
+    r"attn\.qkv$", r"attn\.proj$", r"mlp\.fc$", r"mlp\.proj$",  # ViT blocks (minimm/vit.py's names)
+]
 DEFAULT_EXCLUDE = ["projector"]
 
 
@@ -68,14 +72,14 @@ class LoRALinear(nn.Module):
         return (self.lora_B @ self.lora_A) * self.scale  # (out, r) @ (r, in) -> (out, in)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged and self.merged_weight is not None:
-            bias = self.base.bias.to(x.dtype) if self.base.bias is not None else None
-            return F.linear(x, self.merged_weight.to(x.dtype), bias)  # (..., out)
-        y = self.base(x)  # (..., out)
-        if self.merged:
-            return y  # the update is already inside base.weight
-        h = self.dropout(x) @ self.lora_A.transpose(0, 1)  # (..., in) @ (in, r) -> (..., r)
-        return y + (h @ self.lora_B.transpose(0, 1)) * self.scale  # (..., r) @ (r, out) -> (..., out)
+        if not self.merged:
+            h = self.dropout(x) @ self.lora_A.transpose(0, 1)  # (..., in) @ (in, r) -> (..., r)
+            update = (h @ self.lora_B.transpose(0, 1)) * self.scale  # (..., r) @ (r, out) -> (..., out)
+            return self.base(x) + update  # (..., out)
+        if self.merged_weight is None:
+            return self.base(x)  # plain base: the update is already inside base.weight
+        bias = self.base.bias.to(x.dtype) if self.base.bias is not None else None
+        return F.linear(x, self.merged_weight.to(x.dtype), bias)  # (..., out)
 
     @torch.no_grad()
     def merge(self) -> None:

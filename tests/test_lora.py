@@ -3,10 +3,12 @@ import pytest
 import torch
 import torch.nn as nn
 
+from minimm.audio import AudioEncoder, AudioEncoderConfig
 from minimm.gpt import GPT, GPTConfig
 from minimm.lora import (DEFAULT_TARGETS, LoRALinear, apply_lora, count_parameters, load_lora,
                          lora_state_dict, mark_trainable, merge_lora, save_lora, unmerge_lora)
 from minimm.quant import QuantLinear
+from minimm.vit import ViT, ViTConfig
 
 CONFIG = GPTConfig(vocab_size=71, block_size=20, n_layer=2, n_head=3, n_embd=42)
 
@@ -204,6 +206,18 @@ def test_patterns_cover_gpt_vision_and_audio_blocks_but_not_projectors():
     assert {n for n, p in fresh.named_parameters() if p.requires_grad} == set(state["tensors"])
     with pytest.raises(ValueError, match="no parameter"):
         mark_trainable(model, "no_such_module")
+
+
+def test_default_targets_cover_the_real_vit_and_audio_encoder():
+    vit = ViT(ViTConfig(image_size=24, patch_size=8, n_layer=2, n_head=3, n_embd=30))
+    audio = AudioEncoder(AudioEncoderConfig(n_mels=20, n_embd=18, n_layer=3, n_head=3, max_frames=41))
+    for encoder, n_layer in ((vit, 2), (audio, 3)):
+        names = apply_lora(encoder, DEFAULT_TARGETS, r=2, alpha=2)
+        assert len(names) == 4 * n_layer and all(n.startswith("blocks.") for n in names)
+    images = torch.randn(2, 3, 24, 24)
+    before = vit(images)
+    merge_lora(vit)  # B is still zero: merging must not change anything either
+    torch.testing.assert_close(vit(images), before, atol=1e-6, rtol=0)
 
 
 def test_regex_patterns_and_tied_head():
