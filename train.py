@@ -27,7 +27,7 @@ from minimm.evaluate import evaluate_tasks
 from minimm.gpt import GPT, GPTConfig
 from minimm.plot import plot_losses
 from minimm.tokenizer import Tokenizer
-from minimm.training import (configure_optimizer, count_supervised, evaluate_loss, learning_rate_at,
+from minimm.training import (backward_token_weighted, configure_optimizer, evaluate_loss, learning_rate_at,
                              load_checkpoint, save_checkpoint, unwrap)
 
 cfg = load_config(sys.argv[1:])
@@ -159,20 +159,8 @@ while step < cfg.max_iters and not stop_requested:
 
     micro_batches = [train_batches.get(step * cfg.gradient_accumulation_steps + m).to(cfg.device)
                      for m in range(cfg.gradient_accumulation_steps)]
-    n_supervised = count_supervised(micro_batches, world_size).clamp(min=1)
-    task_loss = torch.zeros(len(tok.tasks), device=cfg.device)
-    task_count = torch.zeros(len(tok.tasks), device=cfg.device)
-    for m, b in enumerate(micro_batches):
-        if ddp:  # only the last micro-batch all-reduces the gradients
-            model.require_backward_grad_sync = m == len(micro_batches) - 1
-        with autocast:
-            _, token_loss = model(b.x, b.y, segment_ids=b.segment_ids, reduction="none")  # (B, T)
-        # sum / (supervised tokens of the whole step); DDP averages over ranks, so scale by world_size
-        loss = token_loss.float().sum() * world_size / n_supervised
-        scaler.scale(loss).backward()
-        valid = (b.y != -100).float()
-        task_loss.scatter_add_(0, b.task_ids.flatten(), (token_loss.float().detach() * valid).flatten())
-        task_count.scatter_add_(0, b.task_ids.flatten(), valid.flatten())
+    task_loss, task_count = backward_token_weighted(model, micro_batches, len(tok.tasks), autocast, scaler,
+                                                    world_size, ddp)
     step_loss = (task_loss.sum() / task_count.sum().clamp(min=1)).item()
     if not torch.isfinite(torch.tensor(step_loss)):
         bar.close()

@@ -52,6 +52,31 @@ def count_supervised(batches: list, world_size: int = 1) -> torch.Tensor:
     return count
 
 
+def backward_token_weighted(model: nn.Module, micro_batches: list, n_tasks: int, autocast, scaler,
+                            world_size: int = 1, ddp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward and backward every micro-batch of one step, each loss = its sum of per-token losses over
+    the step's count of supervised tokens; returns per-task (loss sums, token counts) for the log.
+
+    A micro-batch with no supervised token adds zero to the gradient, never NaN.
+    """
+    device = micro_batches[0].y.device
+    n_supervised = count_supervised(micro_batches, world_size).clamp(min=1)
+    task_loss = torch.zeros(n_tasks, device=device)
+    task_count = torch.zeros(n_tasks, device=device)
+    for m, b in enumerate(micro_batches):
+        if ddp:  # only the last micro-batch all-reduces the gradients
+            model.require_backward_grad_sync = m == len(micro_batches) - 1
+        with autocast:
+            _, token_loss = model(b.x, b.y, segment_ids=b.segment_ids, reduction="none")  # (B, T)
+        # DDP averages gradients over ranks, so scale by world_size to keep sum / (global count)
+        loss = token_loss.float().sum() * world_size / n_supervised
+        scaler.scale(loss).backward()
+        valid = (b.y != -100).float()
+        task_loss.scatter_add_(0, b.task_ids.flatten(), (token_loss.float().detach() * valid).flatten())
+        task_count.scatter_add_(0, b.task_ids.flatten(), valid.flatten())
+    return task_loss, task_count
+
+
 @torch.no_grad()
 def evaluate_loss(model: nn.Module, batches: Batches, eval_iters: int, tasks: list[str],
                   device: str, autocast) -> dict[str, float]:

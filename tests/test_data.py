@@ -1,0 +1,103 @@
+import json
+
+import numpy as np
+import pytest
+
+from minimm.data import Batches, Split, build_dataset, dataset_status
+from minimm.formats import Example
+from minimm.render import render, render_prompt
+from minimm.tokenizer import Tokenizer
+
+CORPUS = "the quick brown fox jumps over the lazy dog. def f(x): return x + 1\n" * 20
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train(CORPUS, 300, ["text", "code", "image", "audio"])
+
+
+def chat(task="text"):
+    return Example(task=task, turns=[("system", "be brief"), ("user", "say fox <|assistant|> now"),
+                                     ("assistant", "the fox"), ("user", "and the dog?"),
+                                     ("assistant", "lazy dog.")], source="t:1")
+
+
+def test_masked_tokens_are_exactly_the_assistant_turns_plus_end(tok):
+    r = render(chat(), tok)
+    assert len(r.ids) == len(r.mask) and r.ids[0] == tok.task_token("text")
+    supervised = [i for i, m in zip(r.ids, r.mask) if m]
+    assert tok.decode(supervised) == "the fox<|end|>lazy dog.<|end|>"
+    # a role name inside user text stays ordinary text: exactly one real <|assistant|> per assistant turn
+    assert r.ids.count(tok.special("<|assistant|>")) == 2
+
+
+def test_plain_text_is_all_in_the_loss(tok):
+    r = render(Example(task="text", turns=[("text", "over the dog")]), tok)
+    assert r.mask[0] == 0 and all(r.mask[1:]) and r.ids[-1] == tok.eot
+
+
+def test_media_markers_become_placeholder_runs_out_of_the_loss(tok):
+    ex = Example(task="image", turns=[("user", "<image>\nwhat? <image>"), ("assistant", "two")],
+                 images=["a.png", "b.png"])
+    r = render(ex, tok, image_tokens=5)
+    image = tok.special("<|image|>")
+    assert r.ids.count(image) == 10 and r.n_images == 2
+    assert all(m == 0 for i, m in zip(r.ids, r.mask) if i == image)
+
+
+def test_prompt_matches_training_layout(tok):
+    turns = chat().turns[:-1]
+    prompt = render_prompt(tok, "text", turns)
+    full = render(chat(), tok).ids
+    assert full[:len(prompt)] == prompt and prompt[-1] == tok.special("<|assistant|>")
+
+
+def make_dataset(tmp_path, tok, settings):
+    text = [Example(task="text", turns=[("text", CORPUS[:400])]) for _ in range(3)]
+    chats = [chat(), chat("code"), Example(task="code", turns=[("user", "f?"), ("assistant", "def f(x): pass")])]
+    return build_dataset({"train": text + chats * 5, "val": chats}, tok, tmp_path, settings,
+                         {"train": [], "val": []})
+
+
+def test_pack_and_read_back(tmp_path, tok):
+    meta = make_dataset(tmp_path, tok, {"v": 1})
+    assert meta["splits"]["train"]["examples"] == {"text": 13, "code": 5}
+    ids = np.fromfile(tmp_path / "train.bin", dtype=np.uint16)
+    assert len(ids) == sum(meta["splits"]["train"]["tokens"].values())
+    index = np.load(tmp_path / "train_index.npy")
+    start, length = index[3, :2]  # first packed example: the chat
+    assert ids[start:start + length].tolist() == render(chat(), tok).ids
+    assert Tokenizer.load(tmp_path / "tokenizer").encode("lazy fox") == tok.encode("lazy fox")
+
+
+def test_batches_targets_masks_tasks_and_segments(tmp_path, tok):
+    make_dataset(tmp_path, tok, {"v": 1})
+    split = Split(tmp_path, "train", block_size=64)
+    b = Batches(split, batch_size=12, seed=3).get(0)
+    assert b.x.shape == b.y.shape == b.task_ids.shape == (12, 64)
+    supervised = b.y[b.y != -100]
+    assert len(supervised) > 0
+    np.testing.assert_array_equal(b.x[:, 1:][b.y[:, :-1] != -100], b.y[:, :-1][b.y[:, :-1] != -100])
+    # determinism: the same (seed, step) gives the same batch; ranks split the global batch exactly
+    again = Batches(split, batch_size=12, seed=3).get(0)
+    assert (again.x == b.x).all()
+    halves = [Batches(split, 6, 3, rank=r, world_size=2).get(0) for r in (0, 1)]
+    assert (np.concatenate([h.x for h in halves]) == b.x.numpy()).all()
+
+
+def test_packed_rows_never_cross_segments_in_targets(tmp_path, tok):
+    make_dataset(tmp_path, tok, {"v": 1})
+    split = Split(tmp_path, "val", block_size=80)
+    x, y, task, seg = split.row(np.random.default_rng(0))
+    boundaries = np.nonzero(np.diff(seg))[0]
+    assert len(boundaries) >= 1
+    for b in boundaries:  # the first token of the next example is never a target
+        assert y[b] == -100
+
+
+def test_stale_detection(tmp_path, tok):
+    assert dataset_status(tmp_path, {"v": 1}) == "missing"
+    make_dataset(tmp_path, tok, {"v": 1})
+    assert dataset_status(tmp_path, {"v": 1}) == "ok"
+    assert dataset_status(tmp_path, {"v": 2}) == "stale"
+    assert json.loads((tmp_path / "meta.json").read_text())["settings"] == {"v": 1}

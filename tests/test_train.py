@@ -1,0 +1,150 @@
+"""train.py and sample.py end to end, as subprocesses on a tiny dataset built from JSONL in tmp_path."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import pytest
+import torch
+
+from minimm.data import Batch
+from minimm.formats import write_jsonl
+from minimm.gpt import GPT, GPTConfig
+from minimm.training import backward_token_weighted, load_checkpoint
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=4", "--vocab_size=300",
+        "--eval_iters=2", "--eval_samples=2", "--log_interval=1", "--warmup_iters=2", "--device=cpu",
+        "--eval_interval=1000", "--lr_decay_iters=20"]
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("jsonl")
+    rows = []
+    for i in range(60):
+        rows.append({"task": "code", "instruction": f"Return {i} plus x.", "input": f"def add{i}(x):",
+                     "output": f"def add{i}(x):\n    return x + {i}"})
+        rows.append({"conversations": [{"role": "user", "content": f"Say {i}."},
+                                       {"role": "assistant", "content": f"{i} it is."}]})
+        rows.append({"text": f"Number {i} is a number, and {i + 1} comes after it. " * 3})
+    write_jsonl(folder / "data.jsonl", rows)
+    return folder / "data.jsonl"
+
+
+def train(tmp_path, data_file, *extra, check=True, env=None):
+    args = [sys.executable, "train.py", f"--train_files=['{data_file}']", f"--data_dir={tmp_path / 'data'}",
+            "--dataset=tiny", f"--out_dir={tmp_path / 'out'}", *TINY, *extra]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def train_losses(out_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train"]["all"] for r in records if "train" in r}
+
+
+def test_train_writes_everything_and_sample_answers(tmp_path, data_file):
+    train(tmp_path, data_file, "--max_iters=6")
+    out = tmp_path / "out"
+    for name in ("ckpt.pt", "log.jsonl", "eval.json", "loss.png", "config.json"):
+        assert (out / name).is_file(), name
+    results = json.loads((out / "eval.json").read_text())
+    assert "val_loss" in results["code"] and 0.0 <= results["code"]["ast_parse_rate"] <= 1.0
+    ckpt = load_checkpoint(out / "ckpt.pt")
+    assert ckpt["step"] == 6 and ckpt["config"]["n_embd"] == 32 and "tokenizer" in ckpt
+    sample = [sys.executable, "sample.py", f"--out_dir={out}", "--device=cpu", "--max_new_tokens=8"]
+    proc = subprocess.run(sample + ["--task", "code", "--prompt", "Return 3 plus x."], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run(sample + ["--task=poetry"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "Invalid task type 'poetry'" in proc.stderr and "code" in proc.stderr
+    proc = subprocess.run(sample[:2] + [f"--out_dir={tmp_path / 'nothing'}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0 and "python train.py" in proc.stderr
+
+
+def test_resume_equals_uninterrupted(tmp_path, data_file):
+    straight, split = tmp_path / "a", tmp_path / "b"
+    train(straight, data_file, "--max_iters=8")
+    train(split, data_file, "--max_iters=4")
+    train(split, data_file, "--max_iters=8", "--init_from=resume")
+    a, b = train_losses(straight / "out"), train_losses(split / "out")
+    assert sorted(a) == sorted(b) == list(range(1, 9))
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+
+
+def test_ddp_two_gloo_ranks_equal_one_process(tmp_path, data_file):
+    one = train(tmp_path / "one", data_file, "--max_iters=3", "--batch_size=4")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+            "train.py", f"--train_files=['{data_file}']", f"--data_dir={tmp_path / 'two' / 'data'}",
+            "--dataset=tiny", f"--out_dir={tmp_path / 'two' / 'out'}", *TINY, "--max_iters=3", "--batch_size=2"]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = train_losses(tmp_path / "one" / "out"), train_losses(tmp_path / "two" / "out")
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-5, (step, a[step], b[step])
+    wa = load_checkpoint(tmp_path / "one" / "out" / "ckpt.pt")["model"]
+    wb = load_checkpoint(tmp_path / "two" / "out" / "ckpt.pt")["model"]
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=1e-5, rtol=1e-4)
+    assert one.returncode == 0
+
+
+def test_sigint_leaves_a_loadable_checkpoint(tmp_path, data_file):
+    train(tmp_path, data_file, "--max_iters=1")  # build the data first so the run below is quick to start
+    args = [sys.executable, "train.py", f"--train_files=['{data_file}']", f"--data_dir={tmp_path / 'data'}",
+            "--dataset=tiny", f"--out_dir={tmp_path / 'run'}", *TINY, "--max_iters=100000"]
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "run" / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and len(log.read_text().splitlines()) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    ckpt = load_checkpoint(tmp_path / "run" / "ckpt.pt")
+    assert 3 <= ckpt["step"] < 100000
+    GPT(GPTConfig(**ckpt["model_args"])).load_state_dict(ckpt["model"])
+
+
+def test_nan_stops_and_keeps_the_last_checkpoint(tmp_path, data_file):
+    train(tmp_path, data_file, "--max_iters=3")
+    before = load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    proc = train(tmp_path, data_file, "--init_from=resume", "--max_iters=50", "--learning_rate=1e38",
+                 "--min_lr=1e38", "--warmup_iters=0", "--grad_clip=0.0", check=False)
+    assert proc.returncode != 0 and "loss became" in proc.stderr and "learning_rate" in proc.stderr
+    after = load_checkpoint(tmp_path / "out" / "ckpt.pt")
+    assert after["step"] == before["step"] == 3
+    for k, v in after["model"].items():
+        assert torch.equal(v, before["model"][k]) and torch.isfinite(v).all()
+
+
+def test_token_weighted_accumulation_equals_one_big_batch():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=53, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    x = torch.randint(0, 53, (4, 16))
+    y = torch.randint(0, 53, (4, 16))
+    y[:2, :11] = -100  # the first micro-batch has few supervised tokens ...
+    y_empty = y.clone()
+    y_empty[:2] = -100  # ... or none at all
+    tasks = torch.zeros_like(x)
+    no_scale = torch.amp.GradScaler("cpu", enabled=False)
+    for targets in (y, y_empty):
+        grads = []
+        for micro in ([Batch(x, targets, tasks, None)],
+                      [Batch(x[:2], targets[:2], tasks[:2], None), Batch(x[2:], targets[2:], tasks[2:], None)]):
+            model.zero_grad()
+            backward_token_weighted(model, micro, 1, nullcontext(), no_scale)
+            grads.append([p.grad.clone() for p in model.parameters()])
+        for a, b in zip(*grads):
+            assert torch.isfinite(b).all()
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
