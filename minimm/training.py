@@ -74,6 +74,9 @@ def backward_token_weighted(model: nn.Module, micro_batches: list, n_tasks: int,
         valid = (b.y != -100).float()
         task_loss.scatter_add_(0, b.task_ids.flatten(), (token_loss.float().detach() * valid).flatten())
         task_count.scatter_add_(0, b.task_ids.flatten(), valid.flatten())
+    if world_size > 1:  # the logged loss is the global batch's, as in a single process
+        torch.distributed.all_reduce(task_loss)
+        torch.distributed.all_reduce(task_count)
     return task_loss, task_count
 
 

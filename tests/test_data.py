@@ -61,7 +61,7 @@ def make_dataset(tmp_path, tok, settings):
 
 def test_pack_and_read_back(tmp_path, tok):
     meta = make_dataset(tmp_path, tok, {"v": 1})
-    assert meta["splits"]["train"]["examples"] == {"text": 13, "code": 5}
+    assert meta["splits"]["train"]["examples"] == {"text": 8, "code": 10}
     ids = np.fromfile(tmp_path / "train.bin", dtype=np.uint16)
     assert len(ids) == sum(meta["splits"]["train"]["tokens"].values())
     index = np.load(tmp_path / "train_index.npy")

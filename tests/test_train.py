@@ -19,7 +19,7 @@ from minimm.training import backward_token_weighted, load_checkpoint
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=4", "--vocab_size=300",
         "--eval_iters=2", "--eval_samples=2", "--log_interval=1", "--warmup_iters=2", "--device=cpu",
-        "--eval_interval=1000", "--lr_decay_iters=20"]
+        "--eval_interval=1000", "--lr_decay_iters=20", "--val_fraction=0.25"]
 
 
 @pytest.fixture(scope="module")
