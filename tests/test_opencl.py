@@ -1,0 +1,279 @@
+"""Every OpenCL op against PyTorch, forward and gradients, on irregular shapes, in float32.
+
+One helper (`check`, the tinygrad idea) runs an op both ways on the same inputs, back-propagates the
+same random output gradient through both, and compares outputs and input gradients.
+
+Tolerances: both sides compute in float32 and differ only in the order of their sums (tiles, row
+reductions). Summing K terms of size ~1 in another order moves the result by ~sqrt(K) * 6e-8; with
+K <= a few hundred here that is ~1e-6, so atol = 2e-5 / rtol = 1e-4 leaves margin yet catches any real
+bug (a wrong index or a missing term is off by ~1e-1). Runs on PoCL's CPU device; skips without OpenCL.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("pyopencl", reason="pyopencl is not installed: pip install pyopencl pocl-binary-distribution")
+from minimm import ops  # noqa: E402
+from minimm.gpt import apply_rope, rope_tables  # noqa: E402
+from minimm.opencl import attention as A  # noqa: E402
+from minimm.opencl import functional as Fcl  # noqa: E402
+from minimm.opencl.kernels.gemm import sgemm  # noqa: E402
+from minimm.opencl.runtime import OpenCLUnavailable, get_device, is_available, parse_device  # noqa: E402
+from minimm.opencl.tensor import Tensor, no_grad  # noqa: E402
+
+if not is_available():
+    pytest.skip("no OpenCL platform: pip install pyopencl pocl-binary-distribution", allow_module_level=True)
+
+ATOL, RTOL = 2e-5, 1e-4
+
+
+@pytest.fixture(scope="module")
+def dev():
+    return get_device("opencl")
+
+
+def to_cl(dev, t: torch.Tensor | None) -> Tensor | None:
+    return None if t is None else Tensor.from_numpy(dev, t.detach().numpy(), requires_grad=t.requires_grad)
+
+
+def check(dev, cl_fn, torch_fn, *inputs: torch.Tensor | None, atol: float = ATOL, rtol: float = RTOL,
+          seed: int = 0) -> None:
+    """Compare cl_fn(*cl inputs) with torch_fn(*inputs): values, then gradients of sum(out * G)."""
+    inputs = [None if t is None else t.detach().clone().requires_grad_(t.dtype.is_floating_point)
+              for t in inputs]
+    expected = torch_fn(*inputs)
+    cl_inputs = [to_cl(dev, t) for t in inputs]
+    out = cl_fn(*cl_inputs)
+    np.testing.assert_allclose(out.numpy(), expected.detach().numpy(), atol=atol, rtol=rtol)
+    upstream = torch.randn(expected.shape, generator=torch.Generator().manual_seed(seed))
+    expected.backward(upstream)
+    out.backward(Tensor.from_numpy(dev, upstream.numpy()))
+    for t, c in zip(inputs, cl_inputs):
+        if t is not None and t.requires_grad:
+            assert c.grad is not None, "an input got no gradient"
+            np.testing.assert_allclose(c.grad.numpy(), t.grad.numpy(), atol=atol, rtol=rtol)
+
+
+def randn(*shape: int, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+# ----------------------------------------------------------------------------------------------- runtime
+
+def test_device_strings():
+    assert parse_device("opencl") is None
+    assert parse_device("opencl:1:2") == (1, 2)
+    with pytest.raises(ValueError, match="opencl:PLATFORM:DEVICE"):
+        parse_device("opencl:1")
+    with pytest.raises(ValueError, match="does not exist"):
+        get_device("opencl:7:7")
+
+
+def test_missing_pyopencl_says_how_to_install(monkeypatch):
+    import builtins
+    from minimm.opencl import runtime
+    real_import = builtins.__import__
+
+    def fake_import(name, *args, **kwargs):
+        if name.startswith("pyopencl"):
+            raise ImportError("No module named 'pyopencl'")
+        return real_import(name, *args, **kwargs)
+    monkeypatch.setattr(builtins, "__import__", fake_import)
+    monkeypatch.setattr(runtime, "_devices", {})
+    with pytest.raises(OpenCLUnavailable, match="pocl-binary-distribution"):
+        runtime.get_device("opencl")
+    assert not runtime.is_available()
+
+
+def test_program_cache_returns_the_same_kernel(dev):
+    from minimm.opencl.kernels import elementwise
+    assert dev.kernel(elementwise.SOURCE, "mul") is dev.kernel(elementwise.SOURCE, "mul")
+
+
+# ------------------------------------------------------------------------------------------------ SGEMM
+
+@pytest.mark.parametrize("M,N,K", [(37, 53, 29), (1, 200, 70), (3, 5, 7), (130, 129, 65), (67, 300, 131)])
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False), (True, True)])
+def test_sgemm(dev, M, N, K, trans_a, trans_b):
+    a, b, d, bias = randn(M, K, seed=1), randn(K, N, seed=2), randn(M, N, seed=3), randn(N, seed=4)
+    stored_a = a.T.contiguous() if trans_a else a
+    stored_b = b.T.contiguous() if trans_b else b
+    A_, B_, C_ = (dev.upload(t.numpy()) for t in (stored_a, stored_b, d))
+    sgemm(dev, M, N, K, A_, B_, C_, trans_a=trans_a, trans_b=trans_b, alpha=0.5, beta=1.5,
+          bias=dev.upload(bias.numpy()))
+    expected = 0.5 * (a.double() @ b.double()) + 1.5 * d + bias  # float64 reference
+    np.testing.assert_allclose(dev.download(C_, (M, N), np.float32), expected.numpy(), atol=1e-4, rtol=1e-5)
+
+
+def test_sgemm_batched_with_offsets_and_row_strides(dev):
+    batch, M, N, K = 3, 17, 19, 23
+    a, b = randn(batch, M, K, seed=5), randn(batch, N, K, seed=6)
+    stride = (M + 2) * (K + 5)  # A lives inside a bigger array: offset 5, row stride K + 5
+    padded = torch.zeros(5 + batch * stride)
+    padded[5:].view(batch, M + 2, K + 5)[:, :M, :K] = a
+    A_, B_ = dev.upload(padded.numpy()), dev.upload(b.numpy())
+    C_ = dev.alloc(batch * M * N * 4)
+    sgemm(dev, M, N, K, A_, B_, C_, trans_b=True, lda=K + 5, offsets=(5, 0, 0), batch=batch,
+          strides=(stride, N * K, M * N))
+    np.testing.assert_allclose(dev.download(C_, (batch, M, N), np.float32),
+                               (a @ b.transpose(1, 2)).numpy(), atol=1e-4, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------ element-wise ops
+
+def test_add_mul_scale(dev):
+    a, b = randn(7, 13, seed=1), randn(7, 13, seed=2)
+    check(dev, lambda x, y: x + y, lambda x, y: x + y, a, b)
+    check(dev, lambda x, y: x * y, lambda x, y: x * y, a, b)
+    check(dev, lambda x: x * 0.37, lambda x: x * 0.37, a)
+    check(dev, lambda x: (x + x) * x, lambda x: (x + x) * x, a)  # one tensor used three times
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_gelu_with_bias(dev, with_bias):
+    z, bias = randn(5, 9, 37, seed=1, scale=2.0), randn(37, seed=2) if with_bias else None
+    check(dev, Fcl.gelu, lambda z, b: F.gelu(z if b is None else z + b, approximate="tanh"), z, bias)
+
+
+@pytest.mark.parametrize("with_bias,with_residual", [(True, False), (False, True), (True, True)])
+def test_linear(dev, with_bias, with_residual):
+    x, w = randn(3, 11, 29, seed=1), randn(53, 29, seed=2, scale=0.2)
+    bias = randn(53, seed=3) if with_bias else None
+    residual = randn(3, 11, 53, seed=4) if with_residual else None
+    check(dev, Fcl.linear, lambda x, w, b, r: F.linear(x, w, b) + (0 if r is None else r), x, w, bias, residual)
+
+
+# -------------------------------------------------------------------------------------------------- norms
+
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_layer_norm(dev, with_bias):
+    x = randn(4, 7, 45, seed=1, scale=3.0) + 2.0  # an offset mean: catches a one-pass variance
+    w, b = randn(45, seed=2), randn(45, seed=3) if with_bias else None
+    check(dev, lambda x, w, b: Fcl.layer_norm(x, w, b, 1e-5), lambda x, w, b: F.layer_norm(x, (45,), w, b, 1e-5),
+          x, w, b)
+
+
+def test_rms_norm(dev):
+    x, w = randn(6, 51, seed=1, scale=2.0), randn(51, seed=2)
+    check(dev, lambda x, w: Fcl.rms_norm(x, w, 1e-6), lambda x, w: F.rms_norm(x, (51,), w, 1e-6), x, w)
+
+
+def test_softmax(dev):
+    check(dev, Fcl.softmax, lambda x: torch.softmax(x, dim=-1), randn(3, 5, 77, seed=1, scale=4.0))
+
+
+# ------------------------------------------------------------------------------------- embeddings, loss
+
+def test_embedding_with_repeated_tokens(dev):
+    V, C, B, T = 23, 13, 3, 9
+    idx = torch.randint(0, 5, (B, T), generator=torch.Generator().manual_seed(0))  # many repeats
+    wte, wpe = randn(V, C, seed=1), randn(T + 4, C, seed=2)
+    check(dev, lambda w, p: Fcl.embedding(idx.numpy(), w, p), lambda w, p: F.embedding(idx, w) + p[:T], wte, wpe)
+    check(dev, lambda w: Fcl.embedding(idx.numpy(), w), lambda w: F.embedding(idx, w), wte)
+
+
+def test_embedding_rejects_out_of_range_ids(dev):
+    with pytest.raises(ValueError, match="token ids"):
+        Fcl.embedding(np.array([[0, 23]]), to_cl(dev, randn(23, 4)))
+
+
+@pytest.mark.parametrize("n_ignored", [0, 5, 21])
+def test_cross_entropy_ignore_index(dev, n_ignored):
+    N, V = 21, 67
+    logits = randn(3, 7, V, seed=1, scale=3.0)
+    targets = torch.randint(0, V, (3, 7), generator=torch.Generator().manual_seed(2))
+    targets.view(-1)[:n_ignored] = -100
+    check(dev, lambda x: Fcl.cross_entropy(x, targets.numpy()),
+          lambda x: ops.cross_entropy(x, targets, backend="math"), logits)
+    assert N == targets.numel()
+
+
+# -------------------------------------------------------------------------------------------- attention
+
+ATTENTION_CASES = [
+    dict(causal=True),
+    dict(causal=False),
+    dict(causal=True, key_lengths=[13, 4]),
+    dict(causal=False, key_lengths=[0, 9]),  # a row with every key masked: zeros
+    dict(causal=True, segment_ids=[[0] * 5 + [1] * 8, [0] * 13]),
+]
+
+
+@pytest.mark.parametrize("case", ATTENTION_CASES)
+def test_attention(dev, case):
+    B, nh, T, hs = 2, 3, 13, 10
+    q, k, v = (randn(B, nh, T, hs, seed=s) for s in (1, 2, 3))
+    lengths = None if "key_lengths" not in case else torch.tensor(case["key_lengths"])
+    segments = None if "segment_ids" not in case else torch.tensor(case["segment_ids"])
+    check(dev, lambda q, k, v: A.attention(q, k, v, case["causal"], lengths, segments),
+          lambda q, k, v: ops.attention(q, k, v, case["causal"], lengths, segments, backend="math"), q, k, v)
+
+
+def test_attention_over_part_of_a_kv_cache(dev):
+    B, nh, Tq, Tk, Tcap, hs = 2, 2, 3, 11, 16, 6
+    q, k, v = randn(B, nh, Tq, hs, seed=1), randn(B, nh, Tcap, hs, seed=2), randn(B, nh, Tcap, hs, seed=3)
+    expected = ops.attention(q, k[:, :, :Tk], v[:, :, :Tk], causal=True, backend="math")
+    with no_grad():
+        out = A.attention(to_cl(dev, q), to_cl(dev, k), to_cl(dev, v), causal=True, key_count=Tk)
+    np.testing.assert_allclose(out.numpy(), expected.numpy(), atol=ATOL, rtol=RTOL)
+
+
+def rope_cl_tables(dev, positions: int, hs: int) -> A.RopeTables:
+    cos, sin = rope_tables(positions, hs, 10000.0)
+    return Tensor.from_numpy(dev, cos.numpy()), Tensor.from_numpy(dev, sin.numpy())
+
+
+def test_rope(dev):
+    B, nh, T, hs, offset = 2, 3, 7, 12, 5
+    tables = rope_cl_tables(dev, offset + T, hs)
+    cos, sin = rope_tables(T, hs, 10000.0, offset)
+    check(dev, lambda x: A.rope(x, tables, offset), lambda x: apply_rope(x, cos, sin), randn(B, nh, T, hs))
+
+
+@pytest.mark.parametrize("use_rope", [True, False])
+def test_split_and_merge_heads(dev, use_rope):
+    B, T, nh, hs = 2, 9, 3, 8
+    C = nh * hs
+    tables = rope_cl_tables(dev, T, hs) if use_rope else None
+    cos, sin = rope_tables(T, hs, 10000.0)
+
+    def reference(qkv):
+        q, k, v = (t.view(B, T, nh, hs).transpose(1, 2) for t in qkv.split(C, dim=2))  # (B, nh, T, hs)
+        if use_rope:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return torch.stack([q, k, v]).sum(0) * 0.5 + q * v + k  # touches every output differently
+
+    def opencl(qkv):
+        q, k, v = A.split_heads(qkv, nh, tables)
+        return (q + k + v) * 0.5 + q * v + k
+
+    check(dev, opencl, reference, randn(B, T, 3 * C))
+    check(dev, A.merge_heads, lambda y: y.transpose(1, 2).reshape(B, T, C), randn(B, nh, T, hs))
+
+
+def test_split_heads_into_cache(dev):
+    B, T, nh, hs, Tcap, offset = 2, 3, 2, 4, 10, 5
+    qkv = randn(B, T, 3 * nh * hs)
+    cache_k, cache_v = Tensor.zeros(dev, (B, nh, Tcap, hs)), Tensor.zeros(dev, (B, nh, Tcap, hs))
+    tables = rope_cl_tables(dev, Tcap, hs)
+    q = A.split_heads_into_cache(to_cl(dev, qkv), nh, cache_k, cache_v, offset, tables)
+    cos, sin = rope_tables(T, hs, 10000.0, offset)
+    q_ref, k_ref, v_ref = (t.view(B, T, nh, hs).transpose(1, 2) for t in qkv.split(nh * hs, dim=2))
+    np.testing.assert_allclose(q.numpy(), apply_rope(q_ref, cos, sin).numpy(), atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(cache_k.numpy()[:, :, offset:offset + T], apply_rope(k_ref, cos, sin).numpy(),
+                               atol=ATOL, rtol=RTOL)
+    np.testing.assert_allclose(cache_v.numpy()[:, :, offset:offset + T], v_ref.numpy(), atol=ATOL, rtol=RTOL)
+    assert not cache_k.numpy()[:, :, :offset].any() and not cache_v.numpy()[:, :, offset + T:].any()
+
+
+def test_scale_of_attention_is_one_over_sqrt_head_size(dev):
+    q = k = v = randn(1, 1, 4, 16, seed=7)
+    with no_grad():
+        out = A.attention(to_cl(dev, q), to_cl(dev, k), to_cl(dev, v), causal=False).numpy()
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(16)
+    np.testing.assert_allclose(out, (scores.softmax(-1) @ v).numpy(), atol=ATOL, rtol=RTOL)
