@@ -44,9 +44,17 @@ def settings_from_config(cfg: TrainConfig) -> dict:
             "tasks": list(cfg.tasks), "scale": cfg.data_scale, "python": sys.version.split()[0]}
 
 
-def stdlib_files() -> list[Path]:
+def stdlib_modules() -> list[tuple[Path, str, ast.Module]]:
+    """(path, source, syntax tree) of every standard-library module that parses, in a fixed order."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    return sorted(p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts))
+    modules = []
+    for path in sorted(p for p in root.rglob("*.py") if not SKIP_DIRS & set(p.relative_to(root).parts)):
+        try:
+            source = path.read_text(encoding="utf-8")
+            modules.append((path, source, ast.parse(source)))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+    return modules
 
 
 def clean(text: str) -> str:
@@ -64,7 +72,7 @@ def paragraphs(text: str, max_chars: int) -> str:
     return out[: max_chars * 2]
 
 
-def text_rows(files: list[Path]) -> tuple[list[dict], list[dict]]:
+def text_rows(modules: list[tuple[Path, str, ast.Module]]) -> tuple[list[dict], list[dict]]:
     """(instruction rows, plain-text rows) from the documentation topics and module docstrings."""
     from pydoc_data.topics import topics
     instructions, plain = [], []
@@ -73,11 +81,8 @@ def text_rows(files: list[Path]) -> tuple[list[dict], list[dict]]:
         instructions.append({"task": "text", "instruction": f"Explain the Python topic '{name}'.",
                              "input": "", "output": paragraphs(body, 400)})
         plain.append({"text": body})
-    for path in files:
-        try:
-            doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8")))
-        except (SyntaxError, UnicodeDecodeError):
-            continue
+    for path, _, tree in modules:
+        doc = ast.get_docstring(tree)
         if doc and len(doc) > 80:
             module = path.stem if path.stem != "__init__" else path.parent.name
             instructions.append({"task": "text", "instruction": f"What does the Python module '{module}' do?",
@@ -86,15 +91,10 @@ def text_rows(files: list[Path]) -> tuple[list[dict], list[dict]]:
     return instructions, plain
 
 
-def code_rows(files: list[Path]) -> list[dict]:
+def code_rows(modules: list[tuple[Path, str, ast.Module]]) -> list[dict]:
     """One instruction per short, undecorated, documented function of the standard library."""
     rows, seen = [], set()
-    for path in files:
-        try:
-            source = path.read_text(encoding="utf-8")
-            tree = ast.parse(source)
-        except (SyntaxError, UnicodeDecodeError):
-            continue
+    for path, source, tree in modules:
         for node in ast.walk(tree):
             if not isinstance(node, ast.FunctionDef) or node.decorator_list:
                 continue
@@ -151,9 +151,9 @@ def build(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
     settings = settings_from_config(cfg)
     out_dir = Path(out_dir)
     rng = random.Random(cfg.data_seed)
-    files = stdlib_files()
-    instructions, plain = text_rows(files)
-    code = code_rows(files)
+    modules = stdlib_modules()
+    instructions, plain = text_rows(modules)
+    code = code_rows(modules)
     image_prompts = image_prompt_rows(rng, int(600 * cfg.data_scale))
     jsonl = out_dir / "jsonl"
     parts = {"text_instructions": (instructions, 20), "text_plain": (plain, 20), "code": (code, N_CODE_VAL),
