@@ -183,14 +183,14 @@ def test_embedding_rejects_out_of_range_ids(dev):
 
 
 @pytest.mark.parametrize("n_ignored", [0, 5, 21])
-def test_cross_entropy_ignore_index(dev, n_ignored):
-    N, V = 21, 67
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_ignore_index(dev, n_ignored, reduction):
+    V = 67
     logits = randn(3, 7, V, seed=1, scale=3.0)
     targets = torch.randint(0, V, (3, 7), generator=torch.Generator().manual_seed(2))
-    targets.view(-1)[:n_ignored] = -100
-    check(dev, lambda x: Fcl.cross_entropy(x, targets.numpy()),
-          lambda x: ops.cross_entropy(x, targets, backend="math"), logits)
-    assert N == targets.numel()
+    targets.view(-1)[:n_ignored] = -100  # 21: every target ignored, the mean must be 0, not NaN
+    check(dev, lambda x: Fcl.cross_entropy(x, targets.numpy(), reduction=reduction),
+          lambda x: ops.cross_entropy(x, targets, reduction=reduction, backend="math"), logits)
 
 
 # -------------------------------------------------------------------------------------------- attention

@@ -179,27 +179,33 @@ def embedding(idx, wte: Tensor, wpe: Tensor | None = None, offset: int = 0) -> T
     return record(out, (wte, wpe), backward)
 
 
-def cross_entropy(logits: Tensor, targets, ignore_index: int = -100) -> Tensor:
-    """Mean softmax cross-entropy over targets != ignore_index. logits: (..., V); targets: host ints (...)."""
+def cross_entropy(logits: Tensor, targets, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+    """Softmax cross-entropy, minimm.ops.cross_entropy's function. logits: (..., V); targets: host ints (...).
+
+    reduction: "mean" over targets != ignore_index (0 if none), "sum", or "none" (a loss per target,
+    0 where ignored, shaped like targets).
+    """
+    if reduction not in ce_kernels.MODES:
+        raise ValueError(f"reduction={reduction!r}: expected 'mean', 'sum' or 'none'")
     device, V = logits.device, logits.shape[-1]
     N = logits.size // V
-    targets = np.asarray(targets).reshape(-1)
+    targets = np.asarray(targets)
     if targets.size != N:
         raise ValueError(f"cross_entropy: {targets.size} targets for {N} rows of logits")
     valid = targets[targets != ignore_index]
     if valid.size and (valid.min() < 0 or valid.max() >= V):
         raise ValueError(f"cross_entropy: targets must lie in [0, {V}) or be {ignore_index}")
-    target_ids = Tensor.from_numpy(device, targets.astype(np.int32))
-    row_loss, lse = Tensor(device, (N,)), Tensor(device, (N,))
-    result = Tensor(device, (2,))  # [mean loss, count]; the loss tensor is its first element
-    ce_kernels.cross_entropy_forward(device, N, V, ignore_index, logits.buf, target_ids.buf, row_loss.buf,
-                                     lse.buf, result.buf)
-    loss = Tensor(device, (), result.buf)
+    target_ids = Tensor.from_numpy(device, targets.reshape(-1).astype(np.int32))
+    row_loss, lse = Tensor(device, targets.shape), Tensor(device, (N,))
+    result = Tensor(device, (2,))  # [loss, count of targets in the loss]
+    ce_kernels.cross_entropy_forward(device, N, V, ignore_index, reduction, logits.buf, target_ids.buf,
+                                     row_loss.buf, lse.buf, result.buf)
+    loss = row_loss if reduction == "none" else Tensor(device, (), result.buf)  # a view of result[0]
 
     def backward(dloss: Tensor) -> None:
         buf, accumulate = grad_buffer(logits)
-        ce_kernels.cross_entropy_backward(device, N, V, ignore_index, logits.buf, target_ids.buf, lse.buf,
-                                          result.buf, dloss.buf, buf, accumulate)
+        ce_kernels.cross_entropy_backward(device, N, V, ignore_index, reduction, logits.buf, target_ids.buf,
+                                          lse.buf, result.buf, dloss.buf, buf, accumulate)
     return record(loss, (logits,), backward)
 
 

@@ -3,14 +3,15 @@
 - `cross_entropy_rows`: one work-group per row computes lse = log(sum(exp(logits))) (max subtracted
   first: the stable form) and loss = lse - logits[target], or 0 where target == ignore_index. lse is
   kept for the backward, so the backward reads the logits once.
-- `cross_entropy_mean`: one work-group sums the row losses and counts the rows in the loss, in a fixed
-  order (deterministic), and writes [mean, count]; the mean is 0 when no row counts (never NaN), as in
-  minimm.ops.cross_entropy.
-- `cross_entropy_backward`: dlogits = (softmax(logits) - onehot(target)) * dloss / count, 0 for ignored
-  rows. dloss is read from device memory (the gradient of the scalar loss), so a whole training step is
-  queued without waiting for the host.
+- `cross_entropy_reduce`: one work-group sums the row losses and counts the rows in the loss, in a fixed
+  order (deterministic), and writes [sum or mean, count]; the mean is 0 when no row counts (never NaN),
+  as in minimm.ops.cross_entropy.
+- `cross_entropy_backward`: dlogits = (softmax(logits) - onehot(target)) * w, 0 for ignored rows, with
+  the row's weight w = dloss[row] (reduction "none"), dloss[0] ("sum") or dloss[0] / count ("mean").
+  dloss is read from device memory (the gradient of the loss), so a whole training step is queued
+  without waiting for the host.
 
-Shapes: logits, dlogits: (N, V); targets: (N,) int32; row_loss, lse: (N,); result: (2,) = [mean, count].
+Shapes: logits, dlogits: (N, V); targets: (N,) int32; row_loss, lse: (N,); result: (2,).
 """
 from __future__ import annotations
 
@@ -37,8 +38,9 @@ __kernel void cross_entropy_rows(const int V, const int ignore_index, __global c
     }
 }
 
-__kernel void cross_entropy_mean(const int N, const int ignore_index, __global const float* row_loss,
-                                 __global const int* targets, __global float* result) {
+__kernel void cross_entropy_reduce(const int N, const int ignore_index, const int mean,
+                                   __global const float* row_loss, __global const int* targets,
+                                   __global float* result) {
     __local float scratch[ROW_LS];
     const int lid = get_local_id(0);
     float total = 0.0f, count = 0.0f;
@@ -49,13 +51,13 @@ __kernel void cross_entropy_mean(const int N, const int ignore_index, __global c
     total = group_sum(total, scratch);
     count = group_sum(count, scratch);
     if (lid == 0) {
-        result[0] = total / fmax(count, 1.0f);
+        result[0] = mean ? total / fmax(count, 1.0f) : total;
         result[1] = count;
     }
 }
 
-/* dlogits (+)= (softmax - onehot) * dloss[0] / count; one work-item per logit */
-__kernel void cross_entropy_backward(const int N, const int V, const int ignore_index,
+/* mode 0: per-row dloss[row] ("none"); 1: dloss[0] ("sum"); 2: dloss[0] / count ("mean") */
+__kernel void cross_entropy_backward(const int N, const int V, const int ignore_index, const int mode,
                                      __global const float* logits, __global const int* targets,
                                      __global const float* lse, __global const float* result,
                                      __global const float* dloss, __global float* dlogits,
@@ -66,26 +68,31 @@ __kernel void cross_entropy_backward(const int N, const int V, const int ignore_
     const int target = targets[row];
     float g = 0.0f;
     if (target != ignore_index) {
-        const float p = exp(logits[i] - lse[row]);
-        g = (p - (v == target ? 1.0f : 0.0f)) * (dloss[0] / fmax(result[1], 1.0f));
+        const float weight = mode == 0 ? dloss[row] : mode == 1 ? dloss[0] : dloss[0] / fmax(result[1], 1.0f);
+        g = (exp(logits[i] - lse[row]) - (v == target ? 1.0f : 0.0f)) * weight;
     }
     dlogits[i] = accumulate ? dlogits[i] + g : g;
 }
 """
 
 
-def cross_entropy_forward(device: Device, N: int, V: int, ignore_index: int, logits, targets, row_loss, lse,
-                          result) -> None:
-    """result[0] = mean loss over rows whose target != ignore_index, result[1] = their count."""
+MODES = {"none": 0, "sum": 1, "mean": 2}
+
+
+def cross_entropy_forward(device: Device, N: int, V: int, ignore_index: int, reduction: str, logits, targets,
+                          row_loss, lse, result) -> None:
+    """row_loss: one loss per row (0 where ignored); with reduction "mean" or "sum", result[0] is the
+    mean over (or the sum of) the rows in the loss and result[1] their count."""
     local = row_local_size(device)
     rows = device.kernel(SOURCE, "cross_entropy_rows", ROW_LS=local)
     launch_rows(device, rows, N, V, ignore_index, logits, targets, row_loss, lse)
-    mean = device.kernel(SOURCE, "cross_entropy_mean", ROW_LS=local)
-    launch_rows(device, mean, 1, N, ignore_index, row_loss, targets, result)
+    if reduction != "none":
+        reduce = device.kernel(SOURCE, "cross_entropy_reduce", ROW_LS=local)
+        launch_rows(device, reduce, 1, N, ignore_index, int(reduction == "mean"), row_loss, targets, result)
 
 
-def cross_entropy_backward(device: Device, N: int, V: int, ignore_index: int, logits, targets, lse, result,
-                           dloss, dlogits, accumulate: bool = False) -> None:
+def cross_entropy_backward(device: Device, N: int, V: int, ignore_index: int, reduction: str, logits, targets,
+                           lse, result, dloss, dlogits, accumulate: bool = False) -> None:
     kernel = device.kernel(SOURCE, "cross_entropy_backward", ROW_LS=row_local_size(device))
-    launch_elements(device, kernel, N * V, N, V, ignore_index, logits, targets, lse, result, dloss, dlogits,
-                    int(accumulate))
+    launch_elements(device, kernel, N * V, N, V, ignore_index, MODES[reduction], logits, targets, lse, result,
+                    dloss, dlogits, int(accumulate))

@@ -1,0 +1,189 @@
+"""The GPT of minimm/gpt.py on an OpenCL device: same weights, same function, same generate().
+
+What is notable here:
+- No weights are converted: the model reads the very state_dict GPT writes (checkpoints from train.py,
+  "_orig_mod." prefixes of torch.compile stripped) and gives one back in the same format, so a model
+  trained here loads in PyTorch and the other way round.
+- forward() reads like GPT.forward: one line per op, each a kernel (or two) from minimm.opencl.
+- Generation keeps a KV cache on the device: each new token costs one position per layer; keys and
+  values are written straight into the cache by the kernel that splits the heads.
+- Sampling (temperature, top-k, top-p) happens on the host with minimm.gpt.sample_next, on the (B, V)
+  logits of the last position, so both backends sample the same way.
+- Dropout is not implemented: forward() is the eval-mode function (the trainer refuses dropout > 0).
+
+Shape letters: B batch, T tokens, C channels (n_embd), nh heads, hs head size (C // nh), V vocabulary.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+
+from minimm.gpt import GPTConfig, rope_tables, sample_next
+from minimm.opencl import attention as A
+from minimm.opencl import functional as F
+from minimm.opencl.runtime import Device, get_device
+from minimm.opencl.tensor import Tensor, no_grad
+
+
+class KVCache:
+    """Keys and values of every layer on the device: each (B, nh, block_size, hs); pos positions filled."""
+
+    def __init__(self, config: GPTConfig, batch_size: int, device: Device):
+        hs = config.n_embd // config.n_head
+        shape = (batch_size, config.n_head, config.block_size, hs)
+        self.k = [Tensor(device, shape) for _ in range(config.n_layer)]
+        self.v = [Tensor(device, shape) for _ in range(config.n_layer)]
+        self.pos = 0
+
+
+class OpenCLGPT:
+    def __init__(self, config: GPTConfig, params: dict[str, Tensor], device: Device):
+        self.config = config
+        self.device = device
+        self.params = params  # GPT's parameter names; lm_head.weight is transformer.wte.weight (tied)
+        self.rope = None
+        if config.pos_emb == "rope":  # cos/sin of every position, uploaded once: rows are positions
+            cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head, config.rope_base)
+            self.rope = (Tensor.from_numpy(device, cos.numpy()), Tensor.from_numpy(device, sin.numpy()))
+
+    def _p(self, name: str) -> Tensor | None:
+        return self.params.get(name)
+
+    def forward_tensors(self, idx: np.ndarray, targets: np.ndarray | None = None,
+                        segment_ids: np.ndarray | None = None, reduction: str = "mean",
+                        kv_cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
+        """GPT.forward on the device, recording the tape when parameters require grad.
+
+        idx, targets, segment_ids: host int arrays (B, T). Returns device tensors (logits, loss); without
+        targets only the last position's logits: (B, 1, V).
+        """
+        cfg, p = self.config, self._p
+        B, T = idx.shape
+        offset = kv_cache.pos if kv_cache is not None else 0
+        if offset + T > cfg.block_size:
+            raise ValueError(f"sequence of {offset + T} tokens exceeds block_size {cfg.block_size}")
+        if kv_cache is not None and segment_ids is not None:
+            raise ValueError("segment_ids are for training on packed examples, not for a KV cache")
+        x = F.embedding(idx, p("transformer.wte.weight"), p("transformer.wpe.weight"), offset)  # (B, T, C)
+        for layer in range(cfg.n_layer):
+            h = f"transformer.h.{layer}."
+            a = F.layer_norm(x, p(h + "ln_1.weight"), p(h + "ln_1.bias"))  # (B, T, C)
+            qkv = F.linear(a, p(h + "attn.c_attn.weight"), p(h + "attn.c_attn.bias"))  # (B, T, 3C)
+            if kv_cache is None:
+                q, k, v = A.split_heads(qkv, cfg.n_head, self.rope)  # each (B, nh, T, hs)
+                y = A.attention(q, k, v, causal=True, segment_ids=segment_ids)  # (B, nh, T, hs)
+            else:
+                k, v = kv_cache.k[layer], kv_cache.v[layer]  # (B, nh, block_size, hs)
+                q = A.split_heads_into_cache(qkv, cfg.n_head, k, v, offset, self.rope)  # (B, nh, T, hs)
+                y = A.attention(q, k, v, causal=True, key_count=offset + T)  # (B, nh, T, hs)
+            y = A.merge_heads(y)  # (B, T, C)
+            x = F.linear(y, p(h + "attn.c_proj.weight"), p(h + "attn.c_proj.bias"), residual=x)  # (B, T, C)
+            a = F.layer_norm(x, p(h + "ln_2.weight"), p(h + "ln_2.bias"))  # (B, T, C)
+            a = F.gelu(F.linear(a, p(h + "mlp.c_fc.weight")), p(h + "mlp.c_fc.bias"))  # (B, T, 4C)
+            x = F.linear(a, p(h + "mlp.c_proj.weight"), p(h + "mlp.c_proj.bias"), residual=x)  # (B, T, C)
+        if kv_cache is not None:
+            kv_cache.pos += T
+        x = F.layer_norm(x, p("transformer.ln_f.weight"), p("transformer.ln_f.bias"))  # (B, T, C)
+        if targets is None:
+            return F.linear(F.select_time(x, -1), p("transformer.wte.weight")), None  # (B, 1, V)
+        logits = F.linear(x, p("transformer.wte.weight"))  # (B, T, V), the tied output head
+        return logits, F.cross_entropy(logits, targets, reduction=reduction)
+
+    def forward(self, idx, targets=None, segment_ids=None, reduction: str = "mean",
+                kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """GPT.forward's contract with host tensors in and out (evaluation: no gradients).
+
+        idx, targets, segment_ids: (B, T) torch tensors or numpy arrays. Returns (logits, loss) as CPU
+        torch tensors: logits (B, T, V) with targets, else (B, 1, V); loss as GPT's (None without targets).
+        """
+        with no_grad():
+            logits, loss = self.forward_tensors(_host_ints(idx), _host_ints(targets), _host_ints(segment_ids),
+                                                reduction, kv_cache)
+            return (torch.from_numpy(logits.numpy()),
+                    None if loss is None else torch.from_numpy(loss.numpy()))
+
+    __call__ = forward
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 top_p: float | None = None, stop_tokens: tuple[int, ...] = (),
+                 callback: Callable[[torch.Tensor], None] | None = None, use_cache: bool = True) -> torch.Tensor:
+        """GPT.generate with the KV cache on the device: continue idx (B, T) by up to max_new_tokens
+        tokens and return (B, T + new) as a CPU LongTensor. Arguments as GPT.generate (no inputs_embeds:
+        images and audio are spliced in by the PyTorch multimodal model only)."""
+        idx = torch.as_tensor(idx, dtype=torch.long).cpu()
+        B = idx.shape[0]
+        cache = KVCache(self.config, B, self.device) if use_cache else None
+        done = torch.zeros(B, dtype=torch.bool)
+        stop = torch.tensor(stop_tokens, dtype=torch.long)
+        for step in range(max_new_tokens):
+            if idx.shape[1] >= self.config.block_size:
+                break
+            context = idx[:, -1:] if cache is not None and step > 0 else idx
+            logits, _ = self.forward(context, kv_cache=cache)  # (B, 1, V)
+            next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p)  # (B,)
+            next_token = torch.where(done, idx[:, -1], next_token)
+            idx = torch.cat([idx, next_token[:, None]], dim=1)  # (B, T + 1)
+            if callback is not None:
+                callback(next_token)
+            done |= torch.isin(next_token, stop)
+            if bool(done.all()):
+                break
+        return idx
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The weights as CPU tensors under GPT's names (lm_head.weight included, tied to wte)."""
+        out = {name: torch.from_numpy(t.numpy()) for name, t in self.params.items()}
+        out["lm_head.weight"] = out["transformer.wte.weight"]
+        return out
+
+    def model_args(self) -> dict:
+        return asdict(self.config)
+
+    @classmethod
+    def from_torch(cls, model: torch.nn.Module, device: str = "opencl") -> OpenCLGPT:
+        """A copy of a minimm.gpt.GPT on the OpenCL device."""
+        return load_gpt(model.state_dict(), asdict(model.config), device)
+
+
+def load_gpt(state_dict: Mapping[str, torch.Tensor], model_args: Mapping, device: str = "opencl") -> OpenCLGPT:
+    """An OpenCLGPT from GPT's state_dict and model_args (a checkpoint's "model" and "model_args").
+
+    device: "opencl" or "opencl:P:D" (see minimm.opencl.runtime.get_device).
+    """
+    config = GPTConfig(**model_args)
+    dev = get_device(device)
+    weights = {name.removeprefix("_orig_mod."): t for name, t in state_dict.items()}
+    weights.pop("lm_head.weight", None)  # tied: the same matrix as transformer.wte.weight
+    expected = expected_parameter_names(config)
+    missing, unexpected = expected - weights.keys(), weights.keys() - expected
+    if missing or unexpected:
+        raise KeyError(f"state_dict does not match the config: missing {sorted(missing)}, "
+                       f"unexpected {sorted(unexpected)}")
+    params = {name: Tensor.from_numpy(dev, weights[name].detach().float().cpu().numpy()) for name in sorted(expected)}
+    return OpenCLGPT(config, params, dev)
+
+
+def expected_parameter_names(config: GPTConfig) -> set[str]:
+    """GPT's parameter names for this config, without the tied lm_head.weight."""
+    names = {"transformer.wte.weight", "transformer.ln_f.weight"}
+    if config.pos_emb == "learned":
+        names.add("transformer.wpe.weight")
+    for layer in range(config.n_layer):
+        h = f"transformer.h.{layer}."
+        names |= {h + "ln_1.weight", h + "ln_2.weight", h + "attn.c_attn.weight", h + "attn.c_proj.weight",
+                  h + "mlp.c_fc.weight", h + "mlp.c_proj.weight"}
+    if config.bias:
+        names |= {n.replace(".weight", ".bias") for n in names if ".ln_" in n or ".c_" in n}
+    return names
+
+
+def _host_ints(x) -> np.ndarray | None:
+    if x is None:
+        return None
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
