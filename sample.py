@@ -3,6 +3,9 @@
     python sample.py --task code --prompt "Return the larger of two numbers."
     python sample.py --task text --prompt "Explain the Python topic 'with'."
     python sample.py --task image --prompt "Generate an image of a koi pond."
+    python sample.py --task image --image x.png [--prompt "How many shapes are there?"]
+    python sample.py --task audio --audio clip.wav [--prompt "Which keys were pressed?"]
+    python sample.py --out_dir=out/mixed --lora=out/lora/lora.pt --task text --prompt "..."
     python sample.py --task text                    # no prompt: free generation from the task token
     python sample.py --out_dir=out/mixed --num_samples=3 --temperature=0.9 --top_k=50
 
@@ -15,8 +18,10 @@ from typing import Optional
 
 import torch
 
+from minimm.audio import load_audio_features
 from minimm.chat import DEFAULT_TEMPERATURE, ask, load_model
 from minimm.config import ConfigError, load_config
+from minimm.vit import load_image
 
 
 @dataclass
@@ -31,6 +36,9 @@ class SampleConfig:
     top_p: Optional[float] = None
     seed: int = 1337
     device: str = "auto"
+    image: str = ""  # a picture to ask about (any format Pillow reads)
+    audio: str = ""  # a WAV file to ask about
+    lora: str = ""  # an adapter file to apply on top of the checkpoint
 
 
 def main(argv: list[str]) -> None:
@@ -39,25 +47,43 @@ def main(argv: list[str]) -> None:
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(cfg.seed)
     try:
-        model, tok, _ = load_model(cfg.out_dir, cfg.device)
-    except FileNotFoundError as e:
-        sys.exit(str(e))
-    try:
+        model, tok, ckpt = load_model(cfg.out_dir, cfg.device, cfg.lora or None)
         tok.task_token(cfg.task)
-    except ValueError as e:
+        images, audio, turns = media_turns(cfg, model, ckpt)
+    except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
     temperature = cfg.temperature if cfg.temperature is not None else DEFAULT_TEMPERATURE.get(cfg.task, 0.8)
     for i in range(cfg.num_samples):
         if cfg.num_samples > 1:
             print(f"--- sample {i + 1}")
-        if cfg.prompt:
-            ask(model, tok, cfg.task, [("user", cfg.prompt)], cfg.max_new_tokens, temperature, cfg.top_k,
-                cfg.top_p, on_text=lambda piece: print(piece, end="", flush=True))
+        if turns:
+            ask(model, tok, cfg.task, turns, cfg.max_new_tokens, temperature, cfg.top_k, cfg.top_p,
+                on_text=lambda piece: print(piece, end="", flush=True), images=images, audio=audio)
         else:  # free generation: the model writes whole examples of the task, roles and all
             idx = torch.tensor([[tok.task_token(cfg.task)]], device=cfg.device)
             out = model.generate(idx, cfg.max_new_tokens, temperature, cfg.top_k, cfg.top_p, stop_tokens=(tok.eot,))
             print(tok.decode(out[0, 1:].tolist()).removesuffix("<|endoftext|>"), end="")
         print()
+
+
+DEFAULT_QUESTION = {"image": "Describe the image.", "audio": "Which keys were pressed?"}
+
+
+def media_turns(cfg: SampleConfig, model, ckpt: dict):
+    """(images, audio, turns) for the prompt: each media file becomes a marker in the user turn."""
+    images, audio, markers = [], [], ""
+    if cfg.image:
+        if not hasattr(model, "vision"):
+            raise ValueError(f"{cfg.out_dir}/ckpt.pt has no image encoder: train on data with images first")
+        images.append(load_image(cfg.image, model.vision.config.image_size, ckpt["config"].get("resize", "pad")))
+        markers += "<image>\n"
+    if cfg.audio:
+        if not hasattr(model, "audio"):
+            raise ValueError(f"{cfg.out_dir}/ckpt.pt has no audio encoder: train on data with audio first")
+        audio.append(load_audio_features(cfg.audio).T)
+        markers += "<audio>\n"
+    question = cfg.prompt or (DEFAULT_QUESTION["image" if cfg.image else "audio"] if markers else "")
+    return images, audio, [("user", markers + question)] if question else []
 
 
 if __name__ == "__main__":

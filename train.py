@@ -24,8 +24,10 @@ from minimm import ops
 from minimm.config import describe, load_config, save_config, to_dict
 from minimm.data import Batches, Split, dataset_status
 from minimm.evaluate import evaluate_tasks
-from minimm.gpt import GPT, GPTConfig
+from minimm.lora import apply_lora, count_parameters, lora_state_dict, mark_trainable, save_lora
+from minimm.multimodal import MultimodalGPT, set_trainable
 from minimm.plot import plot_losses
+from minimm.quant import memory_report
 from minimm.tokenizer import Tokenizer
 from minimm.training import (backward_token_weighted, configure_optimizer, evaluate_loss, learning_rate_at,
                              load_checkpoint, save_checkpoint, unwrap)
@@ -72,22 +74,42 @@ if master:
 if ddp:
     torch.distributed.barrier()
 tok = Tokenizer.load(data_dir / "tokenizer")
-train_batches = Batches(Split(data_dir, "train", cfg.block_size), cfg.batch_size, cfg.seed, rank, world_size)
+train_split = Split(data_dir, "train", cfg.block_size)
+train_batches = Batches(train_split, cfg.batch_size, cfg.seed, rank, world_size)
 val_batches = Batches(Split(data_dir, "val", cfg.block_size), cfg.batch_size, cfg.seed + 1)
 tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world_size
+if train_split.n_truncated or train_split.n_dropped:
+    log(f"block_size {cfg.block_size}: {train_split.n_truncated} examples truncated (their start kept), "
+        f"{train_split.n_dropped} with media left out")
 
 # ---- model and optimizer -------------------------------------------------------------------------------
-model_args = dict(vocab_size=tok.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                  n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, pos_emb=cfg.pos_emb)
+# the model sees what the data holds: a vision encoder when there are images, an audio one for audio
+gpt_args = dict(vocab_size=tok.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, pos_emb=cfg.pos_emb)
+vision_args = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, n_layer=cfg.vit_n_layer,
+                   n_head=cfg.vit_n_head, n_embd=cfg.vit_n_embd)
+audio_args = dict(n_layer=cfg.audio_n_layer, n_head=cfg.audio_n_head, n_embd=cfg.audio_n_embd)
+model_args = dict(gpt=gpt_args, vision=vision_args if train_split.images is not None else None,
+                  audio=audio_args if train_split.audio is not None else None, pixel_shuffle=cfg.pixel_shuffle,
+                  image_token_id=tok.special("<|image|>"), audio_token_id=tok.special("<|audio|>"))
 start_step, ckpt = 0, None
 if cfg.init_from == "resume":
     ckpt = load_checkpoint(out_dir / "ckpt.pt", cfg.device)
     model_args, start_step = ckpt["model_args"], ckpt["step"]
 elif cfg.init_from != "scratch":
     ckpt = load_checkpoint(Path(cfg.init_from) / "ckpt.pt", cfg.device)  # fine-tune: weights only
-    model_args = {**ckpt["model_args"], "dropout": cfg.dropout}
-model = GPT(GPTConfig(**model_args))
-if ckpt is not None:
+    model_args = {**ckpt["model_args"], "gpt": {**ckpt["model_args"]["gpt"], "dropout": cfg.dropout}}
+model = MultimodalGPT.from_args(model_args)
+if ckpt is not None and cfg.init_from != "resume":
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+if cfg.lora_rank > 0:  # after the base weights are in (QLoRA quantizes them), before the optimizer
+    apply_lora(model, cfg.lora_targets, r=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
+               quantize=cfg.lora_quantize)
+    if cfg.lora_trainable:
+        mark_trainable(model, cfg.lora_trainable)
+set_trainable(model, freeze_vision=cfg.freeze_vision, freeze_audio=cfg.freeze_audio, freeze_llm=cfg.freeze_llm,
+              freeze_projector=cfg.freeze_projector)
+if cfg.init_from == "resume":
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
 model.to(cfg.device)
 optimizer = configure_optimizer(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
@@ -97,15 +119,21 @@ if cfg.init_from == "resume":
     torch.set_rng_state(ckpt["rng"]["torch"].cpu())
 ckpt = None  # free it
 lr_decay_iters = cfg.lr_decay_iters or cfg.max_iters
-n_params = model.num_params()
-trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+trainable, total = count_parameters(model)
 log(f"config:\n{describe(cfg)}")
-log(f"model: {n_params / 1e6:.2f}M parameters (non-embedding), {trainable / 1e6:.2f}M trainable; "
-    f"{model.flops_per_token() / 1e6:.1f} MFLOP per token; kernels: {backend}; device {cfg.device} {cfg.dtype}")
+log(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable "
+    f"({', '.join(n for n in ('vision', 'audio') if getattr(model, n, None) is not None) or 'text only'}); "
+    f"decoder {model.gpt.flops_per_token() / 1e6:.1f} MFLOP per token; kernels: {backend}; device {cfg.device} {cfg.dtype}")
+if cfg.lora_quantize:
+    report = memory_report(model)
+    log(f"frozen base in {cfg.lora_quantize}: {report['quantized_bytes'] / 2**20:.2f} MiB vs "
+        f"{report['fp32_bytes'] / 2**20:.2f} MiB in fp32 ({report['ratio']:.2f}x)")
 if cfg.compile:
     model = torch.compile(model)
 if ddp:
-    model = DDP(model, device_ids=[torch.device(cfg.device).index] if device_type == "cuda" else None)
+    # a batch without images leaves the vision encoder unused; DDP must be told that can happen
+    model = DDP(model, device_ids=[torch.device(cfg.device).index] if device_type == "cuda" else None,
+                find_unused_parameters=model_args["vision"] is not None or model_args["audio"] is not None)
 if master:
     save_config(cfg, out_dir / "config.json")
 wandb = None
@@ -119,10 +147,13 @@ if cfg.wandb_log and master:
 
 def checkpoint(step: int) -> None:
     if master:
+        lora = {"lora": lora_state_dict(unwrap(model))} if cfg.lora_rank > 0 else {}
         save_checkpoint({"model": unwrap(model).state_dict(), "model_args": model_args,
                          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
                          "rng": {"torch": torch.get_rng_state()}, "config": to_dict(cfg),
-                         "tokenizer": tok.state()}, out_dir / "ckpt.pt")
+                         "tokenizer": tok.state(), **lora}, out_dir / "ckpt.pt")
+        if lora:  # the adapters alone, to apply to the base model: sample.py --lora=out_dir/lora.pt
+            save_lora(out_dir / "lora.pt", unwrap(model))
 
 
 def write_log(record: dict) -> None:

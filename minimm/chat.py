@@ -5,6 +5,8 @@ What this file teaches:
   it answers on its own wherever it is copied (no data folder needed).
 - The prompt is rendered by the same code as the training data (minimm/render.py): task token, the turns,
   then `<|assistant|>`; generation stops at `<|end|>`, the token that closed every answer in training.
+- Images and audio go in as the same placeholder runs as in training, and the model splices their
+  embeddings in (minimm/multimodal.py).
 - Streaming text from tokens: a token can end in the middle of a UTF-8 character, so we decode the whole
   answer so far and emit only what is new and complete.
 """
@@ -13,23 +15,34 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
-from minimm.gpt import GPT, GPTConfig
+from minimm.data import audio_tokens
+from minimm.lora import load_lora
+from minimm.multimodal import MultimodalGPT
 from minimm.render import render_prompt
 from minimm.tokenizer import Tokenizer
 from minimm.training import load_checkpoint
+from minimm.vit import to_tensor
 
 # when the user gives no temperature: near-greedy for code (one wrong token breaks it), freer for prose
 DEFAULT_TEMPERATURE = {"code": 0.2, "text": 0.8, "image": 0.7, "audio": 0.0}
 
 
-def load_model(out_dir: str | Path, device: str = "cpu") -> tuple[GPT, Tokenizer, dict]:
-    """The model (eval mode, on device), its tokenizer and the raw checkpoint from out_dir/ckpt.pt."""
+def load_model(out_dir: str | Path, device: str = "cpu",
+               lora: str | None = None) -> tuple[MultimodalGPT, Tokenizer, dict]:
+    """The model (eval mode, on device), its tokenizer and the raw checkpoint from out_dir/ckpt.pt.
+
+    lora: an adapter file (train.py writes out_dir/lora.pt) applied on top of this base checkpoint.
+    """
     ckpt = load_checkpoint(Path(out_dir) / "ckpt.pt", device)
-    model = GPT(GPTConfig(**ckpt["model_args"]))
-    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
-    model.load_state_dict(state)
+    model = MultimodalGPT.from_args(ckpt["model_args"])
+    if "lora" in ckpt:  # a LoRA run's own checkpoint: adapters in place before the weights load
+        load_lora(model, ckpt["lora"])
+    model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+    if lora:
+        load_lora(model, torch.load(lora, map_location=device, weights_only=True))
     model.to(device).eval()
     return model, Tokenizer.from_state(ckpt["tokenizer"]), ckpt
 
@@ -50,13 +63,27 @@ class TextStream:
 
 
 @torch.no_grad()
-def ask(model: GPT, tok: Tokenizer, task: str, turns: list[tuple[str, str]], max_new_tokens: int = 256,
+def ask(model: MultimodalGPT, tok: Tokenizer, task: str, turns: list[tuple[str, str]], max_new_tokens: int = 256,
         temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-        on_text: Callable[[str], None] | None = None) -> str:
-    """The model's answer to the conversation `turns` (ending with a user turn) for `task`."""
+        on_text: Callable[[str], None] | None = None, images: list[np.ndarray] | None = None,
+        audio: list[np.ndarray] | None = None) -> str:
+    """The model's answer to the conversation `turns` (ending with a user turn) for `task`.
+
+    images: (H, W, 3) uint8 arrays at the model's image size (minimm.vit.load_image), one per <image>
+    marker in the turns; audio: (frames, n_mels) log-mel features, one per <audio> marker.
+    """
     device = next(model.parameters()).device
-    prompt = render_prompt(tok, task, turns)
+    prompt = render_prompt(tok, task, turns, model.image_tokens, [audio_tokens(len(m)) for m in audio or []])
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
+    media = {}
+    if images:
+        media["images"] = to_tensor(np.stack(images)).to(device)
+    if audio:
+        lengths = torch.tensor([len(m) for m in audio])
+        padded = torch.zeros(len(audio), audio[0].shape[1], int(lengths.max()))  # (N, n_mels, F)
+        for j, m in enumerate(audio):
+            padded[j, :, :len(m)] = torch.from_numpy(np.asarray(m, dtype=np.float32).T)
+        media["audio"], media["audio_lengths"] = padded.to(device), lengths.to(device)
     stops = (tok.special("<|end|>"), tok.eot)
     stream = TextStream(tok, on_text) if on_text else None
     stopped = False
@@ -68,6 +95,6 @@ def ask(model: GPT, tok: Tokenizer, task: str, turns: list[tuple[str, str]], max
             stream(int(token[0]))
 
     out = model.generate(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                         stop_tokens=stops, callback=on_token)
+                         stop_tokens=stops, callback=on_token, **media)
     new = out[0, len(prompt):].tolist()
     return tok.decode(new[:next((i for i, t in enumerate(new) if t in stops), len(new))])

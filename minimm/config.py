@@ -22,6 +22,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from minimm.lora import DEFAULT_TARGETS as DEFAULT_LORA_TARGETS
+
 
 @dataclass
 class TrainConfig:
@@ -40,6 +42,9 @@ class TrainConfig:
     data_seed: int = 1337
     data_scale: float = 1.0  # multiplies how many bundled examples prepare/mixed.py makes
     max_bad_fraction: float = 0.1
+    strict: bool = False  # stop at the first unreadable image or audio file instead of skipping it
+    n_images: int = 4000  # bundled image questions (training split; times data_scale)
+    n_audio: int = 2000  # bundled audio clips (training split; times data_scale)
     # model
     n_layer: int = 4
     n_head: int = 4
@@ -48,6 +53,30 @@ class TrainConfig:
     dropout: float = 0.0
     bias: bool = True
     pos_emb: str = "rope"
+    # vision encoder, used when the data has images
+    image_size: int = 48
+    patch_size: int = 8
+    resize: str = "pad"  # "pad" to square or centre-"crop"
+    vit_n_layer: int = 3
+    vit_n_head: int = 4
+    vit_n_embd: int = 128
+    pixel_shuffle: int = 1  # merge s x s patches into one token: s^2 fewer image tokens
+    # audio encoder, used when the data has audio
+    audio_n_layer: int = 3
+    audio_n_head: int = 4
+    audio_n_embd: int = 128
+    # what trains
+    freeze_vision: bool = False
+    freeze_audio: bool = False
+    freeze_llm: bool = False
+    freeze_projector: bool = False
+    # LoRA / QLoRA (lora_rank = 0: off)
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: list = field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
+    lora_quantize: typing.Optional[str] = None  # None, "nf4" or "int8": the frozen base weights
+    lora_trainable: list = field(default_factory=lambda: ["projector"])  # trained fully beside the adapters
     # optimisation
     batch_size: int = 16
     gradient_accumulation_steps: int = 1
@@ -64,6 +93,7 @@ class TrainConfig:
     eval_interval: int = 250
     eval_iters: int = 10
     eval_samples: int = 50  # held-out prompts per task for the task metrics at the end
+    eval_media_samples: int = 250  # held-out image / audio questions per task (several question kinds)
     log_interval: int = 10
     wandb_log: bool = False
     wandb_project: str = "minimm"

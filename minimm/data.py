@@ -11,6 +11,10 @@ What this file teaches:
   carries its task id, so validation loss can be reported per task.
 - Batches are a pure function of (seed, step, row): resuming at step N, or splitting the rows of a
   global batch across DDP ranks, draws exactly the batches an uninterrupted single process would.
+- Media are decoded once, here: images to a uint8 memmap (N, H, W, 3) at the model's image size, audio
+  to log-mel features in a float16 memmap (frames, n_mels) with an index of (offset, frames) per clip.
+  Training never decodes a PNG or computes a spectrogram per step. An example whose media cannot be
+  read is reported with its file:line and skipped (or stops the build when strict).
 - `meta.json` records what built the data and a hash of those settings; when the settings change the
   data is stale and gets rebuilt instead of silently training on the old one.
 """
@@ -27,11 +31,28 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from minimm.audio import N_MELS, load_audio_features
 from minimm.formats import Example
 from minimm.render import render
 from minimm.tokenizer import Tokenizer
+from minimm.vit import load_image, to_tensor
 
 TEXT_STREAM, PACKED = 0, 1  # the two kinds of example in the index
+N_REPORTED = 5  # unreadable media files printed one by one; the rest are counted
+
+
+@dataclass
+class MediaSpec:
+    """How media become tensors and placeholders; part of the dataset's settings."""
+    image_size: int = 0  # 0: no image encoder, examples with images are skipped
+    resize: str = "pad"
+    image_tokens: int = 0  # placeholders per image (the projector's output length)
+    strict: bool = False  # stop at the first unreadable media file instead of skipping the example
+
+
+def audio_tokens(frames: int) -> int:
+    """Placeholders for a clip of `frames` mel frames: the audio encoder halves time (a stride-2 conv)."""
+    return (frames + 1) // 2
 
 
 def settings_hash(settings: dict) -> str:
@@ -58,27 +79,56 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-def pack_split(examples: Iterable[Example], tok: Tokenizer, out_dir: Path, split: str) -> dict:
+def _load_media(ex: Example, media: MediaSpec) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Decoded images (H, W, 3) uint8 and mel features (frames, n_mels) float16; ValueError if unreadable."""
+    if ex.images and not media.image_size:
+        raise ValueError(f"{ex.source}: has images but the model has no image encoder (image_size=0)")
+    images = [load_image(path, media.image_size, media.resize) for path in ex.images]
+    mels = [load_audio_features(path).T.astype(np.float16) for path in ex.audio]
+    return images, mels
+
+
+def pack_split(examples: Iterable[Example], tok: Tokenizer, out_dir: Path, split: str,
+               media: MediaSpec | None = None, log=print) -> dict:
     """Render and write one split; returns its statistics (examples and tokens per task)."""
-    stream_ids, stream_mask, stream_task, packed = [], [], [], []
+    media = media or MediaSpec()
+    stream, packed = [], []
+    images: list[np.ndarray] = []
+    mels: list[np.ndarray] = []
+    skipped = 0
     for ex in examples:
-        r = render(ex, tok)
+        try:
+            ex_images, ex_mels = _load_media(ex, media) if ex.images or ex.audio else ([], [])
+        except (ValueError, OSError) as e:
+            if media.strict:
+                raise
+            skipped += 1
+            if skipped <= N_REPORTED:
+                log(f"skipped {ex.source}: {e}")
+            continue
+        r = render(ex, tok, media.image_tokens, [audio_tokens(len(m)) for m in ex_mels])
         task_id = tok.tasks.index(ex.task)
-        is_text = len(ex.turns) == 1 and ex.turns[0][0] == "text"
-        (stream_ids if is_text else packed).append((r, task_id))
-    rows = stream_ids + packed  # the text stream first, so it is one contiguous range
+        is_text = len(ex.turns) == 1 and ex.turns[0][0] == "text" and not ex.images and not ex.audio
+        (stream if is_text else packed).append((r, task_id, len(images), len(mels)))
+        images += ex_images
+        mels += ex_mels
+    if skipped:
+        log(f"{split}: skipped {skipped} examples whose media could not be read")
+    rows = stream + packed  # the text stream first, so it is one contiguous range
     dtype = np.uint16 if tok.vocab_size <= 2 ** 16 else np.uint32
-    n_tokens = sum(len(r.ids) for r, _ in rows)
+    n_tokens = sum(len(r.ids) for r, *_ in rows)
     ids = np.empty(n_tokens, dtype=dtype)
     mask = np.empty(n_tokens, dtype=np.uint8)
     task = np.empty(n_tokens, dtype=np.uint8)
-    index = np.empty((len(rows), 4), dtype=np.int64)  # start, length, task id, kind
+    # start, length, task id, kind, first image, images, first clip, clips
+    index = np.empty((len(rows), 8), dtype=np.int64)
     examples_per_task, tokens_per_task = Counter(), Counter()
     pos = 0
-    for i, (r, task_id) in enumerate(rows):
+    for i, (r, task_id, first_image, first_clip) in enumerate(rows):
         n = len(r.ids)
         ids[pos:pos + n], mask[pos:pos + n], task[pos:pos + n] = r.ids, r.mask, task_id
-        index[i] = (pos, n, task_id, TEXT_STREAM if i < len(stream_ids) else PACKED)
+        kind = TEXT_STREAM if i < len(stream) else PACKED
+        index[i] = (pos, n, task_id, kind, first_image, r.n_images, first_clip, r.n_audio)
         examples_per_task[tok.tasks[task_id]] += 1
         tokens_per_task[tok.tasks[task_id]] += n
         pos += n
@@ -86,15 +136,25 @@ def pack_split(examples: Iterable[Example], tok: Tokenizer, out_dir: Path, split
     _atomic_save(out_dir / f"{split}_mask.bin", lambda p: mask.tofile(p))
     _atomic_save(out_dir / f"{split}_task.bin", lambda p: task.tofile(p))
     _atomic_save(out_dir / f"{split}_index.npy", lambda p: _save_npy(p, index))
+    if images:
+        _atomic_save(out_dir / f"{split}_images.bin", lambda p: np.stack(images).tofile(p))
+    if mels:
+        clips = np.array([[0, len(m)] for m in mels], dtype=np.int64)
+        clips[1:, 0] = np.cumsum(clips[:-1, 1])
+        _atomic_save(out_dir / f"{split}_audio.bin", lambda p: np.concatenate(mels).tofile(p))
+        _atomic_save(out_dir / f"{split}_audio_index.npy", lambda p: _save_npy(p, clips))
     return {"examples": dict(examples_per_task), "tokens": dict(tokens_per_task),
-            "text_stream_tokens": int(sum(len(r.ids) for r, _ in stream_ids))}
+            "text_stream_tokens": int(sum(len(r.ids) for r, *_ in stream)), "images": len(images),
+            "audio_clips": len(mels), "skipped_media": skipped}
 
 
 def build_dataset(splits: dict[str, Iterable[Example]], tok: Tokenizer, out_dir: str | Path,
-                  settings: dict, sources: dict[str, list[str]]) -> dict:
+                  settings: dict, sources: dict[str, list[str]], media: MediaSpec | None = None,
+                  media_dir: str | None = None, log=print) -> dict:
     """Pack every split, save the tokenizer beside the data, and write meta.json last (so a crash
     half-way leaves a dataset that reads as missing, never as valid). sources: split -> the files read,
-    relative to out_dir or absolute; the final evaluation reads its held-out prompts from sources["val"]."""
+    relative to out_dir or absolute; the final evaluation reads its held-out prompts from sources["val"]
+    (with media paths resolved against media_dir, as when they were read)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "meta.json").unlink(missing_ok=True)
@@ -102,7 +162,9 @@ def build_dataset(splits: dict[str, Iterable[Example]], tok: Tokenizer, out_dir:
     meta = {
         "tokenizer": "tokenizer", "vocab_size": tok.vocab_size, "eot": tok.eot, "tasks": list(tok.tasks),
         "dtype": "uint16" if tok.vocab_size <= 2 ** 16 else "uint32",
-        "splits": {split: pack_split(examples, tok, out_dir, split) for split, examples in splits.items()},
+        "image_size": media.image_size if media else 0, "image_tokens": media.image_tokens if media else 0,
+        "resize": media.resize if media else "pad", "media_dir": media_dir,
+        "splits": {split: pack_split(examples, tok, out_dir, split, media, log) for split, examples in splits.items()},
         "sources": sources, "settings": settings, "settings_hash": settings_hash(settings),
     }
     _atomic_save(out_dir / "meta.json", lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
@@ -124,10 +186,23 @@ class Batch:
     y: torch.Tensor  # (B, T) target ids, -100 where not supervised
     task_ids: torch.Tensor  # (B, T) task of each target token
     segment_ids: torch.Tensor | None  # (B, T) packed example of each token; None when all rows are windows
+    images: torch.Tensor | None = None  # (N_img, H, W, 3) uint8, in the order of their placeholders
+    audio: torch.Tensor | None = None  # (N_clip, n_mels, F) float, zero-padded to the longest clip
+    audio_lengths: torch.Tensor | None = None  # (N_clip,) real frames of each clip
 
     def to(self, device: str | torch.device) -> "Batch":
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.x), move(self.y), move(self.task_ids), move(self.segment_ids))
+        return Batch(*(move(t) for t in (self.x, self.y, self.task_ids, self.segment_ids, self.images,
+                                         self.audio, self.audio_lengths)))
+
+    def media(self) -> dict:
+        """The model's media keyword arguments (none for a text-only batch): images normalised to float."""
+        media = {}
+        if self.images is not None:
+            media["images"] = to_tensor(self.images)
+        if self.audio is not None:
+            media["audio"], media["audio_lengths"] = self.audio, self.audio_lengths
+        return media
 
 
 class Split:
@@ -140,10 +215,25 @@ class Split:
         self.mask = np.memmap(data_dir / f"{split}_mask.bin", dtype=np.uint8, mode="r")
         self.task = np.memmap(data_dir / f"{split}_task.bin", dtype=np.uint8, mode="r")
         self.index = np.load(data_dir / f"{split}_index.npy")
+        stats = meta["splits"][split]
+        size = meta.get("image_size", 0)
+        self.images = (np.memmap(data_dir / f"{split}_images.bin", dtype=np.uint8, mode="r",
+                                 shape=(stats["images"], size, size, 3)) if stats.get("images") else None)
+        self.audio = self.audio_index = None
+        if stats.get("audio_clips"):
+            self.audio = np.memmap(data_dir / f"{split}_audio.bin", dtype=np.float16, mode="r").reshape(-1, N_MELS)
+            self.audio_index = np.load(data_dir / f"{split}_audio_index.npy")
         self.block_size = block_size
         self.eot = meta["eot"]
         self.stream_end = int(meta["splits"][split]["text_stream_tokens"])
-        self.packed = self.index[self.index[:, 3] == PACKED]
+        packed = self.index[self.index[:, 3] == PACKED]
+        too_long = packed[:, 1] > block_size + 1
+        has_media = (packed[:, 5] > 0) | (packed[:, 7] > 0)
+        # truncation keeps the start of a long conversation; one with media would lose placeholders, so
+        # those are left out instead. Both are counted for the log.
+        self.n_truncated = int((too_long & ~has_media).sum())
+        self.n_dropped = int((too_long & has_media).sum())
+        self.packed = packed[~(too_long & has_media)]
         packed_tokens = int(self.packed[:, 1].sum())
         total = self.stream_end + packed_tokens
         # a row is a text window with probability equal to the text stream's share of the tokens
@@ -151,21 +241,24 @@ class Split:
         if total == 0:
             raise ValueError(f"{data_dir}/{split}.bin holds no tokens")
 
-    def row(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """One row: input ids, targets, task ids, segment ids, each (T,)."""
+    def row(self, rng: np.random.Generator):
+        """One row: input ids, targets, task ids, segment ids (each (T,)), then the ids of the images
+        and audio clips it holds, in order."""
         T = self.block_size
+        images: list[int] = []
+        clips: list[int] = []
         if rng.random() < self.p_window:
             start = int(rng.integers(0, self.stream_end - T))
             chunk = slice(start, start + T + 1)
             seq, mask, task = self.ids[chunk], self.mask[chunk], self.task[chunk]
             segments = np.zeros(T + 1, dtype=np.int64)
         else:
-            seq, mask, task, segments = self._pack(rng)
+            seq, mask, task, segments = self._pack(rng, images, clips)
         seq = seq.astype(np.int64)
         targets = np.where(mask[1:] == 1, seq[1:], -100)
-        return seq[:-1], targets, task[1:].astype(np.int64), segments[:-1]
+        return seq[:-1], targets, task[1:].astype(np.int64), segments[:-1], images, clips
 
-    def _pack(self, rng: np.random.Generator):
+    def _pack(self, rng: np.random.Generator, images: list[int], clips: list[int]):
         """Whole examples, drawn at random, laid end to end until the next one does not fit."""
         T = self.block_size
         seq = np.zeros(T + 1, dtype=np.int64)
@@ -174,7 +267,8 @@ class Split:
         segments = np.zeros(T + 1, dtype=np.int64)
         pos, segment = 0, 0
         while pos < T + 1:
-            start, length, _, _ = self.packed[int(rng.integers(0, len(self.packed)))]
+            start, length, _, _, first_image, n_images, first_clip, n_clips = \
+                self.packed[int(rng.integers(0, len(self.packed)))]
             if length > T + 1 - pos:
                 if pos > 0:
                     break
@@ -182,10 +276,24 @@ class Split:
             sl = slice(start, start + length)
             seq[pos:pos + length], mask[pos:pos + length] = self.ids[sl], self.mask[sl]
             task[pos:pos + length], segments[pos:pos + length] = self.task[sl], segment
+            images += range(first_image, first_image + n_images)
+            clips += range(first_clip, first_clip + n_clips)
             pos, segment = pos + length, segment + 1
         # padding: its own segment so every position attends to at least itself; never in the loss
         seq[pos:], segments[pos:] = self.eot, segment
         return seq, mask, task, segments
+
+    def media(self, images: list[int], clips: list[int]):
+        """Tensors for the given image and clip ids: (N, H, W, 3) uint8; (N, n_mels, F) and (N,)."""
+        pixels = torch.from_numpy(np.stack([self.images[i] for i in images])) if images else None
+        if not clips:
+            return pixels, None, None
+        spans = [self.audio_index[c] for c in clips]
+        lengths = torch.tensor([int(n) for _, n in spans])
+        audio = torch.zeros(len(clips), N_MELS, int(lengths.max()))
+        for j, (offset, n) in enumerate(spans):
+            audio[j, :, :n] = torch.from_numpy(self.audio[offset:offset + n].astype(np.float32).T)
+        return pixels, audio, lengths
 
 
 class Batches:
@@ -200,6 +308,8 @@ class Batches:
         first = self.rank * self.batch_size
         rows = [self.split.row(np.random.default_rng([self.seed, step, first + r]))
                 for r in range(self.batch_size)]
-        x, y, task, seg = (torch.from_numpy(np.stack(col)) for col in zip(*rows))
+        x, y, task, seg = (torch.from_numpy(np.stack(col)) for col in list(zip(*rows))[:4])
         single_segment = bool((seg == seg[:, :1]).all())
-        return Batch(x, y, task, None if single_segment else seg)
+        images = [i for row in rows for i in row[4]]
+        clips = [c for row in rows for c in row[5]]
+        return Batch(x, y, task, None if single_segment else seg, *self.split.media(images, clips))

@@ -4,6 +4,8 @@ What this file teaches:
 - Loss is a proxy; each task also gets a behavioural metric computed from greedy answers (temperature 0)
   to held-out prompts that training never saw:
     code   ast_parse_rate: the share of answers that are valid Python (`ast.parse` succeeds).
+    image, audio (questions about a picture or a clip): exact-match accuracy, per question kind when the
+           data labels kinds (`"kind": "count"` -> count_accuracy), and over all of them (exact_match).
 - The held-out prompts are the validation split's own examples, read back from the JSONL files that
   built it (meta.json lists them), so your own data gets the same metrics as the bundled default.
 """
@@ -16,18 +18,22 @@ from typing import Callable
 
 import torch
 
+from minimm.audio import load_audio_features
 from minimm.chat import ask
 from minimm.formats import Example, read_examples
 from minimm.tokenizer import Tokenizer
+from minimm.vit import load_image
 
 
-def validation_examples(data_dir: Path, tasks: list[str], task: str, limit: int) -> list[Example]:
-    """Up to `limit` validation examples of one task that end with an assistant answer."""
+def validation_examples(data_dir: Path, tasks: list[str], task: str, limit: int, media: bool,
+                        media_dir: str | None = None) -> list[Example]:
+    """Up to `limit` validation examples of one task that end with an assistant answer, with media
+    (questions about images or audio) or without."""
     meta = json.loads((data_dir / "meta.json").read_text())
     found: list[Example] = []
     for source in meta["sources"]["val"]:
-        for ex in read_examples(data_dir / source, tasks=tasks, log=lambda *_: None):
-            if ex.task == task and ex.turns[-1][0] == "assistant":
+        for ex in read_examples(data_dir / source, media_dir, tasks=tasks, log=lambda *_: None):
+            if ex.task == task and ex.turns[-1][0] == "assistant" and bool(ex.images or ex.audio) == media:
                 found.append(ex)
                 if len(found) == limit:
                     return found
@@ -46,6 +52,22 @@ def code_metrics(model, tok: Tokenizer, examples: list[Example], max_new_tokens:
     return {"ast_parse_rate": parsed / max(1, len(examples)), "n": len(examples)}
 
 
+def exact_match_metrics(model, tok: Tokenizer, examples: list[Example], max_new_tokens: int,
+                        image_size: int, resize: str) -> dict:
+    """Exact match of greedy answers to questions about images or audio, per kind and overall."""
+    right: dict[str, list[int]] = {}
+    for ex in examples:
+        images = [load_image(p, image_size, resize) for p in ex.images]
+        audio = [load_audio_features(p).T for p in ex.audio]
+        answer = ask(model, tok, ex.task, ex.turns[:-1], max_new_tokens=max_new_tokens, temperature=0.0,
+                     images=images, audio=audio)
+        hit = int(answer.strip() == ex.turns[-1][1].strip())
+        right.setdefault("exact_match", []).append(hit)
+        if ex.kind:
+            right.setdefault(f"{ex.kind}_accuracy", []).append(hit)
+    return {name: round(sum(hits) / len(hits), 4) for name, hits in sorted(right.items())} | {"n": len(examples)}
+
+
 METRICS: dict[str, Callable] = {"code": code_metrics}
 
 
@@ -54,12 +76,20 @@ def evaluate_tasks(model, tok: Tokenizer, data_dir: Path, val_losses: dict, cfg,
     """{task: {"val_loss": ..., <metric>: ...}} for every task with validation data."""
     model.eval()
     results: dict = {}
+    data_dir = Path(data_dir)
+    meta = json.loads((data_dir / "meta.json").read_text())
+    media_dir = meta.get("media_dir")
     for task in tok.tasks:
         if task in val_losses:
             results[task] = {"val_loss": round(val_losses[task], 4)}
         if task in METRICS:
-            examples = validation_examples(Path(data_dir), tok.tasks, task, cfg.eval_samples)
+            examples = validation_examples(data_dir, tok.tasks, task, cfg.eval_samples, False, media_dir)
             if examples:
                 log(f"evaluating {task} on {len(examples)} held-out prompts")
                 results.setdefault(task, {}).update(METRICS[task](model, tok, examples, cfg.block_size // 2))
+        examples = validation_examples(data_dir, tok.tasks, task, cfg.eval_media_samples, True, media_dir)
+        if examples and (hasattr(model, "vision") or hasattr(model, "audio")):
+            log(f"evaluating {task} on {len(examples)} held-out questions about images or audio")
+            results.setdefault(task, {}).update(exact_match_metrics(
+                model, tok, examples, 32, meta.get("image_size", 0), meta.get("resize", "pad")))
     return results

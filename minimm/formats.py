@@ -53,6 +53,7 @@ class Example:
     images: list[str] = field(default_factory=list)
     audio: list[str] = field(default_factory=list)
     source: str = ""
+    kind: str = ""  # optional label of the question type (a record's "kind"), for per-kind metrics
 
     def __post_init__(self) -> None:
         for role, _ in self.turns:
@@ -189,7 +190,10 @@ class ExampleReader:
         for marker, files in ((IMAGE_MARKER, images), (AUDIO_MARKER, audio)):
             turns = _add_markers(turns, marker, len(files), source)
         default_task = "image" if images else "audio" if audio else "text"
-        return Example(task or default_task, turns, images, audio, source)
+        kind = record.get("kind", "")
+        if not isinstance(kind, str):
+            raise _BadRecord("wrong type", f"{source}: 'kind' must be a string, not {type(kind).__name__}")
+        return Example(task or default_task, turns, images, audio, source, kind)
 
     def _turns(self, record: dict, source: str) -> list[tuple[str, str]]:
         """Detect the record's schema by its keys and return its turns."""

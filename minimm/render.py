@@ -92,5 +92,9 @@ def render_prompt(tok: Tokenizer, task: str, turns: list[tuple[str, str]], image
     """
     if not turns:
         return [tok.task_token(task)]
-    rendered = render(Example(task=task, turns=list(turns)), tok, image_tokens, audio_tokens)
+    n_images = sum(text.count(IMAGE_MARKER) for _, text in turns)
+    n_audio = sum(text.count(AUDIO_MARKER) for _, text in turns)
+    # the media themselves go to the model separately; rendering needs only one name per marker
+    example = Example(task=task, turns=list(turns), images=["<prompt>"] * n_images, audio=["<prompt>"] * n_audio)
+    rendered = render(example, tok, image_tokens, audio_tokens)
     return rendered.ids[:-1] + [tok.special(CHAT_TEMPLATE["assistant"][0])]  # drop the final eot

@@ -10,7 +10,12 @@ Everything comes from what every Python installation has, plus synthetic data dr
   the docstring, input = the signature, output = the function without its docstring (the instruction
   already says what it does; leaving the prose out keeps answers short enough for the CPU default);
 - image prompts: "Generate an image of ..." -> a detailed text-to-image prompt composed from subject,
-  style, lighting and setting vocabularies.
+  style, lighting and setting vocabularies;
+- images (prepare/shapes.py): scenes of coloured shapes and rendered words, with questions whose answers
+  are exact strings ("How many shapes are there?" -> "2", "What does the text say?" -> "owl");
+- audio (prepare/sounds.py): telephone keypad tones and note sequences ("Which keys were pressed?" ->
+  "4 1 7 #", "Name the notes." -> "C5 E5 G5").
+Validation images and clips are drawn from their own seeds, so none is seen in training.
 The examples are written first as JSONL in the schemas of minimm/formats.py (so the default data
 exercises every reader), then read back, the tokenizer is trained on the training split, and the data
 is packed by minimm/data.py.
@@ -29,9 +34,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from minimm.config import TrainConfig, load_config  # noqa: E402
-from minimm.data import build_dataset, describe_meta  # noqa: E402
+from minimm.data import MediaSpec, build_dataset, describe_meta  # noqa: E402
 from minimm.formats import IMAGE_MARKER, AUDIO_MARKER, read_examples, write_jsonl  # noqa: E402
 from minimm.tokenizer import Tokenizer  # noqa: E402
+from prepare.shapes import make_image_examples, split_seed  # noqa: E402
+from prepare.sounds import make_audio_examples  # noqa: E402
 
 N_CODE_VAL = 60  # held-out code instructions; the final evaluation asks 50 of them
 MAX_CODE_LINES = 16  # after the docstring is removed
@@ -40,8 +47,16 @@ SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip", "
 
 def settings_from_config(cfg: TrainConfig) -> dict:
     """Everything that changes the bytes of data/mixed; a change makes the dataset stale."""
-    return {"builder": "mixed-v1", "seed": cfg.data_seed, "vocab_size": cfg.vocab_size,
-            "tasks": list(cfg.tasks), "scale": cfg.data_scale, "python": sys.version.split()[0]}
+    return {"builder": "mixed-v2", "seed": cfg.data_seed, "vocab_size": cfg.vocab_size,
+            "tasks": list(cfg.tasks), "scale": cfg.data_scale, "python": sys.version.split()[0],
+            "n_images": cfg.n_images if "image" in cfg.tasks else 0,
+            "n_audio": cfg.n_audio if "audio" in cfg.tasks else 0, "media": vars(media_spec(cfg))}
+
+
+def media_spec(cfg: TrainConfig) -> MediaSpec:
+    """Images at the model's size, with one placeholder per token the image projector produces."""
+    tokens = (cfg.image_size // cfg.patch_size) ** 2 // cfg.pixel_shuffle ** 2
+    return MediaSpec(cfg.image_size, cfg.resize, tokens, cfg.strict)
 
 
 def stdlib_modules() -> list[tuple[Path, str, ast.Module]]:
@@ -159,6 +174,17 @@ def build(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
     parts = {"text_instructions": (instructions, 20), "text_plain": (plain, 20), "code": (code, N_CODE_VAL),
              "image_prompts": (image_prompts, 30)}
     paths = {"train": [], "val": []}
+    n_media = {"train": lambda n: max(1, int(n * cfg.data_scale)), "val": lambda n: max(50, n // 10)}
+    for split in ("train", "val"):  # media rows come with their own seeds per split
+        if "image" in cfg.tasks and cfg.n_images:
+            rows = make_image_examples(out_dir / "images" / split, n_media[split](cfg.n_images),
+                                       split_seed(cfg.data_seed, split), cfg.image_size, relative_to=out_dir)
+            write_jsonl(jsonl / f"{split}_images.jsonl", rows)
+            paths[split].append(jsonl / f"{split}_images.jsonl")
+        if "audio" in cfg.tasks and cfg.n_audio:
+            rows = make_audio_examples(out_dir, n_media[split](cfg.n_audio), cfg.data_seed, split)
+            write_jsonl(jsonl / f"{split}_audio.jsonl", rows)
+            paths[split].append(jsonl / f"{split}_audio.jsonl")
     for name, (rows, n_val) in parts.items():
         train_rows, val_rows = split_rows(rng, rows, n_val)
         train_rows = train_rows[: max(1, int(len(train_rows) * min(cfg.data_scale, 1.0)))]
@@ -166,13 +192,13 @@ def build(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
             path = jsonl / f"{split}_{name}.jsonl"
             write_jsonl(path, split_part)
             paths[split].append(path)
-    splits = {split: [ex for p in ps for ex in read_examples(p, tasks=cfg.tasks, log=log)]
+    splits = {split: [ex for p in ps for ex in read_examples(p, str(out_dir), tasks=cfg.tasks, log=log)]
               for split, ps in paths.items()}
     corpus = "\n".join(text for ex in splits["train"] for _, text in ex.turns)
     log(f"training the tokenizer: vocab {cfg.vocab_size} on {len(corpus) / 1e6:.1f} MB")
     tok = Tokenizer.train(corpus, cfg.vocab_size, list(cfg.tasks))
     sources = {split: [str(p.relative_to(out_dir)) for p in ps] for split, ps in paths.items()}
-    meta = build_dataset(splits, tok, out_dir, settings, sources)
+    meta = build_dataset(splits, tok, out_dir, settings, sources, media_spec(cfg), str(out_dir), log)
     log(describe_meta(meta))
     log(f"built {out_dir} in {time.time() - t0:.0f} s")
     return meta

@@ -88,7 +88,7 @@ def test_batches_targets_masks_tasks_and_segments(tmp_path, tok):
 def test_packed_rows_never_cross_segments_in_targets(tmp_path, tok):
     make_dataset(tmp_path, tok, {"v": 1})
     split = Split(tmp_path, "val", block_size=80)
-    x, y, task, seg = split.row(np.random.default_rng(0))
+    x, y, task, seg, _, _ = split.row(np.random.default_rng(0))
     boundaries = np.nonzero(np.diff(seg))[0]
     assert len(boundaries) >= 1
     for b in boundaries:  # the first token of the next example is never a target

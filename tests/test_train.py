@@ -14,6 +14,7 @@ import torch
 from minimm.data import Batch
 from minimm.formats import write_jsonl
 from minimm.gpt import GPT, GPTConfig
+from minimm.multimodal import MultimodalGPT
 from minimm.training import backward_token_weighted, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -59,6 +60,7 @@ def test_train_writes_everything_and_sample_answers(tmp_path, data_file):
     assert "val_loss" in results["code"] and 0.0 <= results["code"]["ast_parse_rate"] <= 1.0
     ckpt = load_checkpoint(out / "ckpt.pt")
     assert ckpt["step"] == 6 and ckpt["config"]["n_embd"] == 32 and "tokenizer" in ckpt
+    assert ckpt["model_args"]["vision"] is None and ckpt["model_args"]["audio"] is None  # text-only data
     sample = [sys.executable, "sample.py", f"--out_dir={out}", "--device=cpu", "--max_new_tokens=8"]
     proc = subprocess.run(sample + ["--task", "code", "--prompt", "Return 3 plus x."], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
@@ -113,7 +115,7 @@ def test_sigint_leaves_a_loadable_checkpoint(tmp_path, data_file):
     assert proc.returncode == 0, err[-2000:]
     ckpt = load_checkpoint(tmp_path / "run" / "ckpt.pt")
     assert 3 <= ckpt["step"] < 100000
-    GPT(GPTConfig(**ckpt["model_args"])).load_state_dict(ckpt["model"])
+    MultimodalGPT.from_args(ckpt["model_args"]).load_state_dict(ckpt["model"])
 
 
 def test_nan_stops_and_keeps_the_last_checkpoint(tmp_path, data_file):
