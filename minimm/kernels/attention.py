@@ -96,14 +96,25 @@ def _fwd_key_loop(acc, l_i, m_i, q, K, V, offs_m, lo, hi, key_len, qk_scale,
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=_configs((128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 4), (128, 128, 8, 2)),
+@triton.jit
+def _query_tile_start(BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
+    """First query of this program's tile. Causal tiles further down cost more (they see more keys), so
+    they are handed out first: the last wave of programs on the GPU is then the cheap tiles."""
+    tile = tl.program_id(0)
+    if CAUSAL:
+        tile = tl.num_programs(0) - 1 - tile
+    return tile * BLOCK_M
+
+
+@triton.autotune(configs=_configs((128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (64, 64, 4, 4),
+                                  (128, 128, 8, 2)),
                  key=["HEAD_DIM", "CAUSAL"])
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, LENGTHS, qk_scale, NH, T,
               HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_M queries of one (batch, head). Writes O (BLOCK_M, hs) and LSE (BLOCK_M,)."""
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = _query_tile_start(BLOCK_M, CAUSAL)
     bh = tl.program_id(1)
     key_len = tl.load(LENGTHS + bh // NH)
     base = bh.to(tl.int64) * T * HEAD_DIM
@@ -166,7 +177,8 @@ def _bwd_query_loop(dk, dv, k, v, Q, DO, LSE, DELTA, offs_n, lo, hi, T, qk_scale
     return dk, dv
 
 
-@triton.autotune(configs=_configs((32, 128, 4, 3), (64, 128, 8, 2), (32, 64, 4, 3), (64, 64, 4, 3)),
+@triton.autotune(configs=_configs((32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3),
+                                  (64, 64, 4, 3)),
                  key=["HEAD_DIM", "CAUSAL"])
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, LENGTHS, qk_scale, sm_scale, NH, T,
@@ -227,14 +239,15 @@ def _bwd_key_loop(dq, q, do, lse, delta, K, V, offs_m, lo, hi, key_len, qk_scale
     return dq
 
 
-@triton.autotune(configs=_configs((128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)),
+@triton.autotune(configs=_configs((128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3),
+                                  (64, 32, 4, 3)),
                  key=["HEAD_DIM", "CAUSAL"])
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, LENGTHS, qk_scale, sm_scale, NH, T,
                  HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_M queries of one (batch, head). Writes dQ (BLOCK_M, hs)."""
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = _query_tile_start(BLOCK_M, CAUSAL)
     bh = tl.program_id(1)
     key_len = tl.load(LENGTHS + bh // NH)
     base = bh.to(tl.int64) * T * HEAD_DIM
