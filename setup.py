@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="A small, readable multimodal GPT (text, code, images, audio) that trains on a laptop or a GPU.",
     packages=find_packages(include=["minimm", "minimm.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # the GPT-4 split pattern uses possessive quantifiers (re, 3.11+)
     install_requires=["numpy", "torch>=2.4", "tiktoken", "pillow", "tqdm"],
     extras_require={
         "triton": ["triton; platform_system == 'Linux'"],

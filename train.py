@@ -58,6 +58,8 @@ log = tqdm.write if master else (lambda *a, **k: None)
 
 # ---- data: built here when missing or stale ------------------------------------------------------------
 data_dir = Path(cfg.data_dir) / cfg.dataset
+if cfg.train_files and cfg.init_from not in ("scratch", "resume") and not cfg.tokenizer_from:
+    cfg.tokenizer_from = cfg.init_from  # fine-tuning reads the data with the base model's own vocabulary
 if cfg.train_files:
     from prepare.jsonl import build, settings_from_config
 elif cfg.dataset == "mixed":

@@ -39,6 +39,7 @@ class TrainConfig:
     # data and tokenizer
     tasks: list = field(default_factory=lambda: ["text", "code", "image", "audio"])
     vocab_size: int = 2048  # BPE merges learned from the training split (special tokens come on top)
+    tokenizer_from: str = ""  # a run dir (its ckpt.pt) or data dir whose tokenizer is reused; "": train one
     data_seed: int = 1337
     data_scale: float = 1.0  # multiplies how many bundled examples prepare/mixed.py makes
     max_bad_fraction: float = 0.1

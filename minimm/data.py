@@ -49,6 +49,12 @@ class MediaSpec:
     image_tokens: int = 0  # placeholders per image (the projector's output length)
     strict: bool = False  # stop at the first unreadable media file instead of skipping the example
 
+    @classmethod
+    def from_config(cls, cfg) -> "MediaSpec":
+        """From a TrainConfig: one placeholder per token the image projector produces."""
+        tokens = (cfg.image_size // cfg.patch_size) ** 2 // cfg.pixel_shuffle ** 2
+        return cls(cfg.image_size, cfg.resize, tokens, cfg.strict)
+
 
 def audio_tokens(frames: int) -> int:
     """Placeholders for a clip of `frames` mel frames: the audio encoder halves time (a stride-2 conv)."""

@@ -3,6 +3,8 @@
     python prepare/jsonl.py --dataset=mydata --train_files="['chat.jsonl']" [--val_files=...] [--vocab_size=4096]
 
 train.py calls the same build() when its config sets train_files and the data is missing or stale.
+With tokenizer_from (a run dir or a data dir) the data is tokenized with that tokenizer instead of a
+new one: fine-tuning a checkpoint must read its own vocabulary (train.py sets it to init_from).
 Without val_files, a val_fraction of the training examples is held out (chosen from data_seed). The
 validation examples are written back as JSONL (the conversation schema) so the final evaluation can ask
 the model the held-out prompts.
@@ -17,9 +19,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from minimm.config import TrainConfig, load_config  # noqa: E402
-from minimm.data import build_dataset, describe_meta  # noqa: E402
+from minimm.data import MediaSpec, build_dataset, describe_meta  # noqa: E402
 from minimm.formats import Example, read_examples, write_jsonl  # noqa: E402
 from minimm.tokenizer import Tokenizer  # noqa: E402
+from minimm.training import load_checkpoint  # noqa: E402
 
 
 def file_digest(path: str) -> str:
@@ -31,7 +34,19 @@ def settings_from_config(cfg: TrainConfig) -> dict:
     return {"builder": "jsonl-v1", "train_files": {f: file_digest(f) for f in cfg.train_files},
             "val_files": {f: file_digest(f) for f in cfg.val_files}, "val_fraction": cfg.val_fraction,
             "seed": cfg.data_seed, "vocab_size": cfg.vocab_size, "tasks": list(cfg.tasks),
-            "media_dir": cfg.media_dir}
+            "media_dir": cfg.media_dir, "tokenizer_from": cfg.tokenizer_from,
+            "media": vars(MediaSpec.from_config(cfg))}
+
+
+
+def reuse_tokenizer(path: str) -> Tokenizer:
+    """The tokenizer inside a run's checkpoint, or a dataset's tokenizer/ folder."""
+    folder = Path(path)
+    if (folder / "ckpt.pt").is_file():
+        return Tokenizer.from_state(load_checkpoint(folder / "ckpt.pt")["tokenizer"])
+    if (folder / "tokenizer").is_dir():
+        return Tokenizer.load(folder / "tokenizer")
+    raise FileNotFoundError(f"tokenizer_from={path!r}: neither {folder / 'ckpt.pt'} nor {folder / 'tokenizer'} exists")
 
 
 def as_row(ex: Example) -> dict:
@@ -47,8 +62,10 @@ def as_row(ex: Example) -> dict:
 
 def build(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
     out_dir = Path(out_dir)
+    tok = reuse_tokenizer(cfg.tokenizer_from) if cfg.tokenizer_from else None
+    tasks = tok.tasks if tok else cfg.tasks
     read = lambda files: [ex for f in files  # noqa: E731
-                          for ex in read_examples(f, cfg.media_dir or None, cfg.tasks, cfg.max_bad_fraction, log=log)]
+                          for ex in read_examples(f, cfg.media_dir or None, tasks, cfg.max_bad_fraction, log=log)]
     train = read(cfg.train_files)
     val = read(cfg.val_files)
     if not val:
@@ -56,10 +73,12 @@ def build(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
         n_val = max(1, int(len(train) * cfg.val_fraction))
         train, val = train[n_val:], train[:n_val]
     write_jsonl(out_dir / "jsonl" / "val.jsonl", [as_row(ex) for ex in val])
-    corpus = "\n".join(text for ex in train for _, text in ex.turns)
-    tok = Tokenizer.train(corpus, cfg.vocab_size, list(cfg.tasks))
+    if tok is None:
+        corpus = "\n".join(text for ex in train for _, text in ex.turns)
+        tok = Tokenizer.train(corpus, cfg.vocab_size, list(cfg.tasks))
     meta = build_dataset({"train": train, "val": val}, tok, out_dir, settings_from_config(cfg),
-                         {"train": [str(Path(f).resolve()) for f in cfg.train_files], "val": ["jsonl/val.jsonl"]})
+                         {"train": [str(Path(f).resolve()) for f in cfg.train_files], "val": ["jsonl/val.jsonl"]},
+                         MediaSpec.from_config(cfg), str(Path(cfg.media_dir).resolve()) if cfg.media_dir else None, log)
     log(describe_meta(meta))
     return meta
 

@@ -50,13 +50,8 @@ def settings_from_config(cfg: TrainConfig) -> dict:
     return {"builder": "mixed-v2", "seed": cfg.data_seed, "vocab_size": cfg.vocab_size,
             "tasks": list(cfg.tasks), "scale": cfg.data_scale, "python": sys.version.split()[0],
             "n_images": cfg.n_images if "image" in cfg.tasks else 0,
-            "n_audio": cfg.n_audio if "audio" in cfg.tasks else 0, "media": vars(media_spec(cfg))}
+            "n_audio": cfg.n_audio if "audio" in cfg.tasks else 0, "media": vars(MediaSpec.from_config(cfg))}
 
-
-def media_spec(cfg: TrainConfig) -> MediaSpec:
-    """Images at the model's size, with one placeholder per token the image projector produces."""
-    tokens = (cfg.image_size // cfg.patch_size) ** 2 // cfg.pixel_shuffle ** 2
-    return MediaSpec(cfg.image_size, cfg.resize, tokens, cfg.strict)
 
 
 def stdlib_modules() -> list[tuple[Path, str, ast.Module]]:
@@ -198,7 +193,7 @@ def build(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
     log(f"training the tokenizer: vocab {cfg.vocab_size} on {len(corpus) / 1e6:.1f} MB")
     tok = Tokenizer.train(corpus, cfg.vocab_size, list(cfg.tasks))
     sources = {split: [str(p.relative_to(out_dir)) for p in ps] for split, ps in paths.items()}
-    meta = build_dataset(splits, tok, out_dir, settings, sources, media_spec(cfg), str(out_dir), log)
+    meta = build_dataset(splits, tok, out_dir, settings, sources, MediaSpec.from_config(cfg), str(out_dir), log)
     log(describe_meta(meta))
     log(f"built {out_dir} in {time.time() - t0:.0f} s")
     return meta
