@@ -97,7 +97,8 @@ def test_program_cache_returns_the_same_kernel(dev):
 
 # ------------------------------------------------------------------------------------------------ SGEMM
 
-@pytest.mark.parametrize("M,N,K", [(37, 53, 29), (1, 200, 70), (3, 5, 7), (130, 129, 65), (67, 300, 131)])
+@pytest.mark.parametrize("M,N,K", [(37, 53, 29), (1, 200, 70), (3, 5, 7), (130, 129, 65), (67, 300, 131),
+                                   (517, 600, 45)])  # the last one takes the big CPU tiles
 @pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False), (True, True)])
 def test_sgemm(dev, M, N, K, trans_a, trans_b):
     a, b, d, bias = randn(M, K, seed=1), randn(K, N, seed=2), randn(M, N, seed=3), randn(N, seed=4)
@@ -108,6 +109,37 @@ def test_sgemm(dev, M, N, K, trans_a, trans_b):
           bias=dev.upload(bias.numpy()))
     expected = 0.5 * (a.double() @ b.double()) + 1.5 * d + bias  # float64 reference
     np.testing.assert_allclose(dev.download(C_, (M, N), np.float32), expected.numpy(), atol=1e-4, rtol=1e-5)
+
+
+def gpu_layout_device(dev):
+    """The same OpenCL device, told it is a GPU: 16x16 work-groups and 128-wide row reductions. Running
+    the GPU configuration on PoCL checks its indexing here, where no GPU is at hand."""
+    from minimm.opencl.runtime import Device
+    gpu_like = Device(dev.cl_device)
+    gpu_like.is_cpu = False
+    return gpu_like
+
+
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False), (True, True)])
+def test_sgemm_gpu_layout(dev, trans_a, trans_b):
+    gpu = gpu_layout_device(dev)
+    M, N, K = 70, 45, 37
+    a, b = randn(M, K, seed=1), randn(K, N, seed=2)
+    A_ = gpu.upload((a.T.contiguous() if trans_a else a).numpy())
+    B_ = gpu.upload((b.T.contiguous() if trans_b else b).numpy())
+    C_ = gpu.alloc(M * N * 4)
+    sgemm(gpu, M, N, K, A_, B_, C_, trans_a=trans_a, trans_b=trans_b)
+    np.testing.assert_allclose(gpu.download(C_, (M, N), np.float32), (a @ b).numpy(), atol=1e-4, rtol=1e-5)
+
+
+def test_row_kernels_gpu_layout(dev):
+    gpu = gpu_layout_device(dev)
+    x, w, b = randn(5, 300, seed=1), randn(300, seed=2), randn(300, seed=3)
+    check(gpu, lambda x, w, b: Fcl.layer_norm(x, w, b), lambda x, w, b: F.layer_norm(x, (300,), w, b), x, w, b)
+    check(gpu, Fcl.softmax, lambda x: torch.softmax(x, -1), x)
+    targets = torch.tensor([3, -100, 299, 0, 7])
+    check(gpu, lambda x: Fcl.cross_entropy(x, targets.numpy()),
+          lambda x: ops.cross_entropy(x, targets, backend="math"), x)
 
 
 def test_sgemm_batched_with_offsets_and_row_strides(dev):
