@@ -86,9 +86,16 @@ def test_attention_through_ops_with_transposed_views():
              [q, k, v], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_head_size_not_a_power_of_two(causal):
+    """hs = 48 (the bundled config's n_embd 192 / 4 heads) runs in 64-wide tiles with zero padding."""
+    check_op(lambda q, k, v: triton_attention(q, k, v, causal=causal), math_attention(causal),
+             qkv(1, 2, 29, 48, torch.float32, seed=6), atol=1e-5, rtol=1e-5)
+
+
 def test_attention_rejects_unsupported_head_size():
-    q = torch.randn(1, 1, 8, 48, device=DEVICE)
-    with pytest.raises(ValueError, match="head size 48"):
+    q = torch.randn(1, 1, 8, 160, device=DEVICE)
+    with pytest.raises(ValueError, match="head size 160"):
         triton_attention(q, q, q)
 
 

@@ -33,7 +33,9 @@ the saved lse is in the same base-2 units. A query row with no keys gets lse = +
 probability recomputed from it is exactly 0 and its output and gradients are zeros.
 
 Inputs are made contiguous (B, nh, T, hs); fp16 and bf16 on a GPU (fp32 works too, with exact fp32
-matmuls), and the CPU interpreter (TRITON_INTERPRET=1) for the tests.
+matmuls), and the CPU interpreter (TRITON_INTERPRET=1) for the tests. Any head size up to 128 works: a
+tile is BLOCK_D = the next power of two wide (48 -> 64), its extra columns loaded as zeros, which leave
+every dot product unchanged; 32, 64 and 128 need no padding.
 """
 from __future__ import annotations
 
@@ -45,7 +47,7 @@ import triton
 import triton.language as tl
 
 LOG2_E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
-HEAD_SIZES = (16, 32, 64, 128)  # powers of two: a tile's width is its head size
+MAX_HEAD_SIZE = 128
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -71,15 +73,25 @@ def _key_range(start_m, key_len, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, C
 
 
 @triton.jit
+def _tile(offs_rows, rows_ok, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Element offsets (rows, BLOCK_D) of a tile of a contiguous (.., T, hs) tensor, and its mask: the
+    rows asked for and, when the tile is wider than the head size, only the real columns."""
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = rows_ok[:, None]
+    if BLOCK_D != HEAD_DIM:
+        mask = mask & (offs_d < HEAD_DIM)[None, :]
+    return offs_rows[:, None] * HEAD_DIM + offs_d[None, :], mask
+
+
+@triton.jit
 def _fwd_key_loop(acc, l_i, m_i, q, K, V, offs_m, lo, hi, key_len, qk_scale,
-                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                   MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_offs = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
         key_ok = offs_n < key_len
-        k = tl.load(K + kv_offs, mask=key_ok[:, None], other=0.0)  # (BLOCK_N, hs)
+        kv_offs, kv_mask = _tile(offs_n, key_ok, HEAD_DIM, BLOCK_D)
+        k = tl.load(K + kv_offs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
         if MASKED:
             keep = key_ok[None, :]
@@ -90,8 +102,8 @@ def _fwd_key_loop(acc, l_i, m_i, q, K, V, offs_m, lo, hi, key_len, qk_scale,
         p = tl.math.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N)
         alpha = tl.math.exp2(m_i - m_new)  # rescales what earlier tiles accumulated
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + kv_offs, mask=key_ok[:, None], other=0.0)  # (BLOCK_N, hs)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)  # (BLOCK_M, hs)
+        v = tl.load(V + kv_offs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)  # (BLOCK_M, BLOCK_D)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -111,7 +123,7 @@ def _query_tile_start(BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
                  key=["HEAD_DIM", "CAUSAL"])
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, LENGTHS, qk_scale, NH, T,
-              HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_M queries of one (batch, head). Writes O (BLOCK_M, hs) and LSE (BLOCK_M,)."""
     start_m = _query_tile_start(BLOCK_M, CAUSAL)
@@ -119,61 +131,59 @@ def _attn_fwd(Q, K, V, O, LSE, LENGTHS, qk_scale, NH, T,
     key_len = tl.load(LENGTHS + bh // NH)
     base = bh.to(tl.int64) * T * HEAD_DIM
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    q_offs = offs_m[:, None] * HEAD_DIM + offs_d[None, :]
     row_ok = offs_m < T
-    q = tl.load(Q + base + q_offs, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, hs)
+    q_offs, q_mask = _tile(offs_m, row_ok, HEAD_DIM, BLOCK_D)
+    q = tl.load(Q + base + q_offs, mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
     # A finite start for the running max: a tile whose scores are all masked (-inf) then rescales by
     # exp2(0) = 1 instead of exp2(-inf - -inf) = NaN.
     m_i = tl.full([BLOCK_M], -1.0e30, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full_end, end = _key_range(start_m, key_len, BLOCK_M, BLOCK_N, CAUSAL)
     acc, l_i, m_i = _fwd_key_loop(acc, l_i, m_i, q, K + base, V + base, offs_m, 0, full_end, key_len,
-                                  qk_scale, BLOCK_N, HEAD_DIM, CAUSAL, False, PRECISION)
+                                  qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, CAUSAL, False, PRECISION)
     acc, l_i, m_i = _fwd_key_loop(acc, l_i, m_i, q, K + base, V + base, offs_m, full_end, end, key_len,
-                                  qk_scale, BLOCK_N, HEAD_DIM, CAUSAL, True, PRECISION)
+                                  qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, CAUSAL, True, PRECISION)
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
-    tl.store(O + base + q_offs, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(O + base + q_offs, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=q_mask)
     lse = tl.where(has_keys, m_i + tl.math.log2(l_safe), float("inf"))
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
-def _attn_bwd_delta(O, DO, DELTA, T, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+def _attn_bwd_delta(O, DO, DELTA, T, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     """delta = rowsum(dO * O): (BLOCK_M,) per program, fp32."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs = tl.program_id(1).to(tl.int64) * T * HEAD_DIM + offs_m[:, None] * HEAD_DIM \
-        + tl.arange(0, HEAD_DIM)[None, :]
     row_ok = offs_m < T
-    o = tl.load(O + offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
-    do = tl.load(DO + offs, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    offs, mask = _tile(offs_m, row_ok, HEAD_DIM, BLOCK_D)
+    base = tl.program_id(1).to(tl.int64) * T * HEAD_DIM
+    o = tl.load(O + base + offs, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + base + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(DELTA + tl.program_id(1).to(tl.int64) * T + offs_m, tl.sum(o * do, 1), mask=row_ok)
 
 
 @triton.jit
 def _bwd_query_loop(dk, dv, k, v, Q, DO, LSE, DELTA, offs_n, lo, hi, T, qk_scale,
-                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, MASKED: tl.constexpr,
+                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
                     PRECISION: tl.constexpr):
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < T
-        q_offs = offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-        q = tl.load(Q + q_offs, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, hs)
+        q_offs, q_mask = _tile(offs_m, row_ok, HEAD_DIM, BLOCK_D)
+        q = tl.load(Q + q_offs, mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
         # Rows past T load lse = +inf, so their probabilities below are exactly 0.
         lse = tl.load(LSE + offs_m, mask=row_ok, other=float("inf"))
         p_t = tl.math.exp2(tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
                            - lse[None, :])  # (BLOCK_N, BLOCK_M)
         if MASKED:
             p_t = tl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
-        do = tl.load(DO + q_offs, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, hs)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)  # (BLOCK_N, hs)
+        do = tl.load(DO + q_offs, mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)  # (BLOCK_N, BLOCK_D)
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
         delta = tl.load(DELTA + offs_m, mask=row_ok, other=0.0)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)  # (BLOCK_N, hs)
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)  # (BLOCK_N, BLOCK_D)
     return dk, dv
 
 
@@ -182,20 +192,20 @@ def _bwd_query_loop(dk, dv, k, v, Q, DO, LSE, DELTA, offs_n, lo, hi, T, qk_scale
                  key=["HEAD_DIM", "CAUSAL"])
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, LENGTHS, qk_scale, sm_scale, NH, T,
-                   HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
+                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_N keys of one (batch, head). Writes dK and dV (BLOCK_N, hs)."""
     start_n = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1)
     key_len = tl.load(LENGTHS + bh // NH)
     base = bh.to(tl.int64) * T * HEAD_DIM
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    kv_offs = offs_n[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
     key_ok = offs_n < key_len
-    k = tl.load(K + base + kv_offs, mask=key_ok[:, None], other=0.0)  # (BLOCK_N, hs)
-    v = tl.load(V + base + kv_offs, mask=key_ok[:, None], other=0.0)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+    kv_offs, kv_mask = _tile(offs_n, key_ok, HEAD_DIM, BLOCK_D)
+    k = tl.load(K + base + kv_offs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+    v = tl.load(V + base + kv_offs, mask=kv_mask, other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     lse_row, delta_row = LSE + bh.to(tl.int64) * T, DELTA + bh.to(tl.int64) * T
     if start_n < key_len:  # a tile of padding keys has zero gradient: skip the work
         lo = 0
@@ -203,29 +213,29 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, LENGTHS, qk_scale, sm_scale,
             lo = start_n // BLOCK_M * BLOCK_M
             diag_end = (start_n + BLOCK_N + BLOCK_M - 1) // BLOCK_M * BLOCK_M
             dk, dv = _bwd_query_loop(dk, dv, k, v, Q + base, DO + base, lse_row, delta_row, offs_n, lo,
-                                     diag_end, T, qk_scale, BLOCK_M, HEAD_DIM, True, PRECISION)
+                                     diag_end, T, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_D, True, PRECISION)
             lo = diag_end
         dk, dv = _bwd_query_loop(dk, dv, k, v, Q + base, DO + base, lse_row, delta_row, offs_n, lo, T,
-                                 T, qk_scale, BLOCK_M, HEAD_DIM, False, PRECISION)
+                                 T, qk_scale, BLOCK_M, HEAD_DIM, BLOCK_D, False, PRECISION)
     # Padding keys inside the last tile were not masked in the loops (they only touch their own dK, dV
     # rows), so their gradient is zeroed here.
     dk = tl.where(key_ok[:, None], dk * sm_scale, 0.0)
     dv = tl.where(key_ok[:, None], dv, 0.0)
-    tl.store(DK + base + kv_offs, dk.to(DK.dtype.element_ty), mask=(offs_n < T)[:, None])
-    tl.store(DV + base + kv_offs, dv.to(DV.dtype.element_ty), mask=(offs_n < T)[:, None])
+    out_offs, out_mask = _tile(offs_n, offs_n < T, HEAD_DIM, BLOCK_D)
+    tl.store(DK + base + out_offs, dk.to(DK.dtype.element_ty), mask=out_mask)
+    tl.store(DV + base + out_offs, dv.to(DV.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
 def _bwd_key_loop(dq, q, do, lse, delta, K, V, offs_m, lo, hi, key_len, qk_scale,
-                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
+                  BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr,
                   MASKED: tl.constexpr, PRECISION: tl.constexpr):
-    offs_d = tl.arange(0, HEAD_DIM)
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        kv_offs = offs_n[:, None] * HEAD_DIM + offs_d[None, :]
         key_ok = offs_n < key_len
-        k = tl.load(K + kv_offs, mask=key_ok[:, None], other=0.0)  # (BLOCK_N, hs)
-        v = tl.load(V + kv_offs, mask=key_ok[:, None], other=0.0)
+        kv_offs, kv_mask = _tile(offs_n, key_ok, HEAD_DIM, BLOCK_D)
+        k = tl.load(K + kv_offs, mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+        v = tl.load(V + kv_offs, mask=kv_mask, other=0.0)
         p = tl.math.exp2(tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
                          - lse[:, None])  # (BLOCK_M, BLOCK_N)
         if MASKED:
@@ -235,7 +245,7 @@ def _bwd_key_loop(dq, q, do, lse, delta, K, V, offs_m, lo, hi, key_len, qk_scale
             p = tl.where(keep, p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)  # (BLOCK_M, hs)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)  # (BLOCK_M, BLOCK_D)
     return dq
 
 
@@ -244,7 +254,7 @@ def _bwd_key_loop(dq, q, do, lse, delta, K, V, offs_m, lo, hi, key_len, qk_scale
                  key=["HEAD_DIM", "CAUSAL"])
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, LENGTHS, qk_scale, sm_scale, NH, T,
-                 HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, CAUSAL: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """One program: BLOCK_M queries of one (batch, head). Writes dQ (BLOCK_M, hs)."""
     start_m = _query_tile_start(BLOCK_M, CAUSAL)
@@ -252,19 +262,24 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, LENGTHS, qk_scale, sm_scale, NH, T
     key_len = tl.load(LENGTHS + bh // NH)
     base = bh.to(tl.int64) * T * HEAD_DIM
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    q_offs = offs_m[:, None] * HEAD_DIM + tl.arange(0, HEAD_DIM)[None, :]
     row_ok = offs_m < T
-    q = tl.load(Q + base + q_offs, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, hs)
-    do = tl.load(DO + base + q_offs, mask=row_ok[:, None], other=0.0)
+    q_offs, q_mask = _tile(offs_m, row_ok, HEAD_DIM, BLOCK_D)
+    q = tl.load(Q + base + q_offs, mask=q_mask, other=0.0)  # (BLOCK_M, BLOCK_D)
+    do = tl.load(DO + base + q_offs, mask=q_mask, other=0.0)
     lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=float("inf"))
     delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=row_ok, other=0.0)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     full_end, end = _key_range(start_m, key_len, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _bwd_key_loop(dq, q, do, lse, delta, K + base, V + base, offs_m, 0, full_end, key_len, qk_scale,
-                       BLOCK_N, HEAD_DIM, CAUSAL, False, PRECISION)
+                       BLOCK_N, HEAD_DIM, BLOCK_D, CAUSAL, False, PRECISION)
     dq = _bwd_key_loop(dq, q, do, lse, delta, K + base, V + base, offs_m, full_end, end, key_len,
-                       qk_scale, BLOCK_N, HEAD_DIM, CAUSAL, True, PRECISION)
-    tl.store(DQ + base + q_offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+                       qk_scale, BLOCK_N, HEAD_DIM, BLOCK_D, CAUSAL, True, PRECISION)
+    tl.store(DQ + base + q_offs, (dq * sm_scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+def _tile_width(hs: int) -> int:
+    """BLOCK_D: the head size rounded up to a power of two, at least 16 (the smallest tl.dot)."""
+    return max(16, triton.next_power_of_2(hs))
 
 
 class FlashAttention(torch.autograd.Function):
@@ -280,7 +295,7 @@ class FlashAttention(torch.autograd.Function):
         sm_scale = 1.0 / math.sqrt(hs)
         _attn_fwd[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * nh)](
             q, k, v, o, lse, key_lengths, sm_scale * LOG2_E, nh, T,
-            HEAD_DIM=hs, CAUSAL=causal, PRECISION=precision)
+            HEAD_DIM=hs, BLOCK_D=_tile_width(hs), CAUSAL=causal, PRECISION=precision)
         ctx.save_for_backward(q, k, v, o, lse, key_lengths)
         ctx.causal, ctx.precision, ctx.sm_scale = causal, precision, sm_scale
         return o
@@ -293,10 +308,10 @@ class FlashAttention(torch.autograd.Function):
         delta = torch.empty_like(lse)
         delta_block = 16 if INTERPRET else 64
         _attn_bwd_delta[(triton.cdiv(T, delta_block), B * nh)](o, do, delta, T, HEAD_DIM=hs,
-                                                                BLOCK_M=delta_block)
+                                                                BLOCK_D=_tile_width(hs), BLOCK_M=delta_block)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         args = (ctx.sm_scale * LOG2_E, ctx.sm_scale, nh, T)
-        flags = dict(HEAD_DIM=hs, CAUSAL=ctx.causal, PRECISION=ctx.precision)
+        flags = dict(HEAD_DIM=hs, BLOCK_D=_tile_width(hs), CAUSAL=ctx.causal, PRECISION=ctx.precision)
         _attn_bwd_dkdv[lambda meta: (triton.cdiv(T, meta["BLOCK_N"]), B * nh)](
             q, k, v, do, lse, delta, dk, dv, key_lengths, *args, **flags)
         _attn_bwd_dq[lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * nh)](
@@ -309,13 +324,13 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
     """softmax(q k^T / sqrt(hs)) v. q, k, v: (B, nh, T, hs) -> (B, nh, T, hs), differentiable in q, k, v.
 
     causal: query i sees keys 0 .. i. key_lengths: (B,) number of real keys per batch row; keys at or
-    beyond it are padding, and a row with no keys returns zeros. hs must be one of HEAD_SIZES.
+    beyond it are padding, and a row with no keys returns zeros. hs: any size up to MAX_HEAD_SIZE.
     """
     B, nh, T, hs = q.shape
     if k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"q, k, v must share one shape (B, nh, T, hs); got {q.shape}, {k.shape}, {v.shape}")
-    if hs not in HEAD_SIZES:
-        raise ValueError(f"head size {hs} not supported: expected one of {HEAD_SIZES}")
+    if not 1 <= hs <= MAX_HEAD_SIZE:
+        raise ValueError(f"head size {hs} not supported: at most {MAX_HEAD_SIZE}")
     if not q.dtype == k.dtype == v.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q, k, v must share a dtype among fp16, bf16, fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
     if key_lengths is None:
