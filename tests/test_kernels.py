@@ -17,13 +17,19 @@ Tolerances, and why:
   (1e-5); the gradient is stored in fp16, so one rounding of values in [-1, 1]: 1e-3.
 """
 import os
+import sys
 
+# Triton decides at import whether it interprets, so this must come before anything imports it.
+TRITON_IMPORTED_EARLY = "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1"
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 pytest.importorskip("triton")
+if TRITON_IMPORTED_EARLY and os.environ["TRITON_INTERPRET"] == "1":
+    pytest.skip("triton was imported before TRITON_INTERPRET=1 was set: run with TRITON_INTERPRET=1 in the "
+                "environment", allow_module_level=True)
 
 from opcheck import check_op  # noqa: E402
 

@@ -25,6 +25,7 @@ What this file teaches:
   backward pass applies 1 / N together with the incoming gradient.
 
 Shape letters: N rows (tokens), V vocabulary. Rows whose target is ignore_index get loss 0, gradient 0.
+Every other target must lie in [0, V): checking that would cost a host sync, so it is not checked.
 """
 from __future__ import annotations
 
