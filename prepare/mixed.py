@@ -105,17 +105,21 @@ def code_rows(modules: list[tuple[Path, str, ast.Module]]) -> list[dict]:
     """One instruction per short, undecorated, documented function of the standard library."""
     rows, seen = [], set()
     for path, source, tree in modules:
+        lines = source.splitlines(keepends=True)
         for node in ast.walk(tree):
             if not isinstance(node, ast.FunctionDef) or node.decorator_list:
                 continue
             doc = ast.get_docstring(node)
-            if not doc or len(node.body) < 2:
+            if not doc or len(node.body) < 2 or node.end_lineno - node.lineno > 3 * MAX_CODE_LINES:
                 continue
+            try:  # the function's own lines, dedented (a method parses on its own too)
+                func = ast.parse(textwrap.dedent("".join(lines[node.lineno - 1:node.end_lineno]))).body[0]
+            except SyntaxError:
+                continue
+            func.body = func.body[1:]  # the docstring goes; the instruction already says it
+            code = ast.unparse(func)
             sentence = re.split(r"(?<=\.)\s", " ".join(doc.split()), maxsplit=1)[0]
-            node.body = node.body[1:]  # the docstring goes; the instruction already says it
-            code = textwrap.dedent(ast.get_source_segment(source, node) or "")
-            code = ast.unparse(ast.parse(code)) if code else ""
-            if not code or code.count("\n") + 1 > MAX_CODE_LINES or len(sentence) > 200 or code in seen:
+            if code.count("\n") + 1 > MAX_CODE_LINES or len(sentence) > 200 or code in seen:
                 continue
             seen.add(code)
             signature = code.split("\n", 1)[0]
