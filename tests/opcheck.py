@@ -36,7 +36,8 @@ def check_op(fn: Callable[..., torch.Tensor], ref: Callable[..., torch.Tensor], 
     out, expected = fn(*ins), ref(*ref_ins)
     assert out.shape == expected.shape, f"shape {tuple(out.shape)} != reference {tuple(expected.shape)}"
     assert torch.isfinite(out).all(), "output has NaN or inf"
-    torch.testing.assert_close(out.float(), expected.float(), atol=atol, rtol=rtol, msg=lambda m: f"forward: {m}")
+    torch.testing.assert_close(out.float(), expected.float(), atol=atol, rtol=rtol,
+                               msg=lambda m: f"forward: {m}")
     wrt = [i for i, x in enumerate(ins) if isinstance(x, torch.Tensor) and x.requires_grad]
     if not wrt:
         return out

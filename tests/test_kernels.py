@@ -43,6 +43,7 @@ if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("TRITON_INTERPRET=0 needs a CUDA GPU", allow_module_level=True)
 DEVICE = "cpu" if INTERPRET else "cuda"
 gpu_only = pytest.mark.skipif(INTERPRET, reason="bf16 is not trustworthy in the Triton interpreter")
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=gpu_only)]
 
 ATTN_TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 CE_GRAD_TOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -57,7 +58,7 @@ def math_attention(causal: bool, key_lengths: torch.Tensor | None = None):
     return lambda q, k, v: ops.attention(q, k, v, causal, key_lengths=key_lengths, backend="math")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=gpu_only)])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("T,hs", [(37, 32), (100, 64)])
 def test_attention_matches_math(dtype, causal, T, hs):
@@ -87,8 +88,9 @@ def test_attention_through_ops_with_transposed_views():
     g = torch.Generator().manual_seed(2)
     qkv_rows = torch.randn(B, T, 3, nh, hs, generator=g).to(DEVICE)
     q, k, v = (qkv_rows[:, :, i].transpose(1, 2).requires_grad_() for i in range(3))  # (B, nh, T, hs) views
-    check_op(lambda q, k, v: ops.attention(q, k, v, True, key_lengths=torch.tensor([45, 31]), backend="triton"),
-             lambda q, k, v: ops.attention(q, k, v, True, key_lengths=torch.tensor([45, 31]), backend="math"),
+    lengths = torch.tensor([45, 31])
+    check_op(lambda q, k, v: ops.attention(q, k, v, True, key_lengths=lengths, backend="triton"),
+             lambda q, k, v: ops.attention(q, k, v, True, key_lengths=lengths, backend="math"),
              [q, k, v], atol=1e-5, rtol=1e-5)
 
 
@@ -118,7 +120,7 @@ def logits_and_targets(N: int, V: int, dtype: torch.dtype, ignored_every: int = 
     return logits, targets.to(DEVICE)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=gpu_only)])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("V", [1000, 4099])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_cross_entropy_matches_math(dtype, V, reduction):

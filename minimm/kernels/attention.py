@@ -53,7 +53,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 def _configs(*tiles: tuple[int, int, int, int]) -> list[triton.Config]:
     """Autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) on CUDA; one small tile in the
-    interpreter, where every program runs in numpy and bigger tiles only mean slower tests."""
+    interpreter, where every program runs in numpy and bigger tiles only mean slower tests.
+    A candidate that does not fit in shared memory (fp32 at hs = 128, say) is skipped by the autotuner,
+    so each list ends with one small enough for fp32."""
     if INTERPRET:
         tiles = ((32, 32, 1, 1),)
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in tiles]
@@ -119,7 +121,7 @@ def _query_tile_start(BLOCK_M: tl.constexpr, CAUSAL: tl.constexpr):
 
 
 @triton.autotune(configs=_configs((128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 4), (64, 64, 4, 4),
-                                  (128, 128, 8, 2)),
+                                  (128, 128, 8, 2), (64, 32, 4, 2)),
                  key=["HEAD_DIM", "CAUSAL"])
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE, LENGTHS, qk_scale, NH, T,
@@ -165,8 +167,8 @@ def _attn_bwd_delta(O, DO, DELTA, T, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constex
 
 @triton.jit
 def _bwd_query_loop(dk, dv, k, v, Q, DO, LSE, DELTA, offs_n, lo, hi, T, qk_scale,
-                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
-                    PRECISION: tl.constexpr):
+                    BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                    MASKED: tl.constexpr, PRECISION: tl.constexpr):
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         row_ok = offs_m < T
@@ -332,7 +334,8 @@ def triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: 
     if not 1 <= hs <= MAX_HEAD_SIZE:
         raise ValueError(f"head size {hs} not supported: at most {MAX_HEAD_SIZE}")
     if not q.dtype == k.dtype == v.dtype or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"q, k, v must share a dtype among fp16, bf16, fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"q, k, v must share one dtype among fp16, bf16, fp32; got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
     if key_lengths is None:
         lengths = torch.full((B,), T, device=q.device, dtype=torch.int32)
     else:
