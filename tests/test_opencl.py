@@ -140,6 +140,10 @@ def test_row_kernels_gpu_layout(dev):
     targets = torch.tensor([3, -100, 299, 0, 7])
     check(gpu, lambda x: Fcl.cross_entropy(x, targets.numpy()),
           lambda x: ops.cross_entropy(x, targets, backend="math"), x)
+    q, k = randn(1, 2, 3, 8, seed=4), randn(1, 2, 200, 8, seed=5)
+    expected = ops.attention(q, k[:, :, :150], k[:, :, :150], causal=True, backend="math")
+    out = A.cached_attention(to_cl(gpu, q), to_cl(gpu, k), to_cl(gpu, k), key_count=150)
+    np.testing.assert_allclose(out.numpy(), expected.transpose(1, 2).reshape(1, 3, 16).numpy(), atol=ATOL)
 
 
 def test_sgemm_batched_with_offsets_and_row_strides(dev):
@@ -246,13 +250,14 @@ def test_attention(dev, case):
           lambda q, k, v: ops.attention(q, k, v, case["causal"], lengths, segments, backend="math"), q, k, v)
 
 
-def test_attention_over_part_of_a_kv_cache(dev):
-    B, nh, Tq, Tk, Tcap, hs = 2, 2, 3, 11, 16, 6
+@pytest.mark.parametrize("Tq", [1, 3])
+def test_cached_attention_over_part_of_a_kv_cache(dev, Tq):
+    B, nh, Tk, Tcap, hs = 2, 2, 11, 16, 6
     q, k, v = randn(B, nh, Tq, hs, seed=1), randn(B, nh, Tcap, hs, seed=2), randn(B, nh, Tcap, hs, seed=3)
-    expected = ops.attention(q, k[:, :, :Tk], v[:, :, :Tk], causal=True, backend="math")
-    with no_grad():
-        out = A.attention(to_cl(dev, q), to_cl(dev, k), to_cl(dev, v), causal=True, key_count=Tk)
-    np.testing.assert_allclose(out.numpy(), expected.numpy(), atol=ATOL, rtol=RTOL)
+    expected = ops.attention(q, k[:, :, :Tk], v[:, :, :Tk], causal=True, backend="math")  # (B, nh, Tq, hs)
+    out = A.cached_attention(to_cl(dev, q), to_cl(dev, k), to_cl(dev, v), key_count=Tk)  # (B, Tq, C)
+    np.testing.assert_allclose(out.numpy(), expected.transpose(1, 2).reshape(B, Tq, nh * hs).numpy(),
+                               atol=ATOL, rtol=RTOL)
 
 
 def rope_cl_tables(dev, positions: int, hs: int) -> A.RopeTables:

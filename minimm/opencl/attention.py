@@ -8,6 +8,8 @@ It stores the (Tq, Tk) probabilities for the backward, which is fine at minimm's
 FlashAttention-style kernel (minimm/kernels/ for CUDA) avoids that memory. Backward:
     dprobs = dy @ v^T,  dscores = softmax backward,  dq = dscores @ k,  dk = dscores^T @ q,
     dv = probs^T @ dy.
+Generation (`cached_attention`) instead runs one fused kernel per layer over the KV cache: there the
+launches cost more than the arithmetic.
 
 Shape letters: B batch, nh heads, T tokens, Tq queries, Tk keys, Tcap positions a KV cache has room
 for, hs head size, C = nh * hs channels.
@@ -19,6 +21,7 @@ import math
 import numpy as np
 
 from minimm.opencl.kernels import heads
+from minimm.opencl.kernels.decode_attention import decode_attention
 from minimm.opencl.kernels.gemm import sgemm
 from minimm.opencl.kernels.softmax import softmax_backward, softmax_forward
 from minimm.opencl.tensor import Tensor, accumulate_grad, grad_buffer, record, wants_grad
@@ -80,28 +83,25 @@ def rope(x: Tensor, tables: RopeTables, offset: int = 0) -> Tensor:
     return record(out, (x,), backward)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, key_lengths=None, segment_ids=None,
-              key_count: int | None = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, key_lengths=None,
+              segment_ids=None) -> Tensor:
     """softmax(q k^T / sqrt(hs)) v, the function of minimm.ops.attention. q: (B, nh, Tq, hs);
-    k, v: (B, nh, Tcap, hs) of which the first key_count (default Tcap) positions are the keys.
-    key_lengths: host ints (B,); segment_ids: host ints (B, Tk). Returns (B, nh, Tq, hs)."""
+    k, v: (B, nh, Tk, hs); key_lengths: host ints (B,); segment_ids: host ints (B, Tk).
+    Returns (B, nh, Tq, hs)."""
     device, (B, nh, Tq, hs) = q.device, q.shape
-    Tcap = k.shape[2]
-    Tk = Tcap if key_count is None else key_count
+    Tk = k.shape[2]
     batch, scale = B * nh, 1.0 / math.sqrt(hs)
     lengths = None if key_lengths is None else _upload_ints(device, key_lengths).buf
     segments = None if segment_ids is None else _upload_ints(device, segment_ids).buf
     probs = Tensor(device, (B, nh, Tq, Tk))
     sgemm(device, Tq, Tk, hs, q.buf, k.buf, probs.buf, trans_b=True, batch=batch,
-          strides=(Tq * hs, Tcap * hs, Tq * Tk))  # scores: (B * nh, Tq, Tk)
+          strides=(Tq * hs, Tk * hs, Tq * Tk))  # scores: (B * nh, Tq, Tk)
     softmax_forward(device, batch * Tq, Tq, Tk, nh, scale, causal, lengths, segments, probs.buf,
                     probs.buf)  # in place
     y = Tensor(device, (B, nh, Tq, hs))
-    sgemm(device, Tq, hs, Tk, probs.buf, v.buf, y.buf, batch=batch, strides=(Tq * Tk, Tcap * hs, Tq * hs))
+    sgemm(device, Tq, hs, Tk, probs.buf, v.buf, y.buf, batch=batch, strides=(Tq * Tk, Tk * hs, Tq * hs))
 
     def backward(dy: Tensor) -> None:
-        if Tk != Tcap:
-            raise NotImplementedError("attention backward over part of a KV cache")
         dscores = Tensor(device, probs.shape)
         sgemm(device, Tq, Tk, hs, dy.buf, v.buf, dscores.buf, trans_b=True, batch=batch,
               strides=(Tq * hs, Tk * hs, Tq * Tk))  # dprobs = dy @ v^T
@@ -111,10 +111,21 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = True, key_lengths=
                                        (v, probs, dy, True, Tk, Tq)):    # dv = probs^T @ dy
             if wants_grad(t):
                 buf, accumulate = grad_buffer(t)
-                a_stride = Tq * Tk
                 sgemm(device, M, hs, K, a.buf, b.buf, buf, trans_a=trans_a, beta=float(accumulate),
-                      batch=batch, strides=(a_stride, K * hs, M * hs))
+                      batch=batch, strides=(Tq * Tk, K * hs, M * hs))
     return record(y, (q, k, v), backward)
+
+
+def cached_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, key_count: int) -> Tensor:
+    """Generation: causal attention of q: (B, nh, Tq, hs) over the first key_count positions of the
+    caches (B, nh, Tcap, hs), in one kernel (kernels/decode_attention.py). Returns (B, Tq, C), already
+    in token layout. Not differentiable."""
+    device, (B, nh, Tq, hs) = q.device, q.shape
+    scores = Tensor(device, (B * nh * Tq, key_count))
+    y = Tensor(device, (B, Tq, nh * hs))
+    decode_attention(device, B, nh, Tq, key_count, k_cache.shape[2], hs, 1.0 / math.sqrt(hs), q.buf,
+                     k_cache.buf, v_cache.buf, scores.buf, y.buf)
+    return y
 
 
 def _upload_ints(device, values) -> Tensor:

@@ -6,7 +6,8 @@ What is notable here:
   trained here loads in PyTorch and the other way round.
 - forward() reads like GPT.forward: one line per op, each a kernel (or two) from minimm.opencl.
 - Generation keeps a KV cache on the device: each new token costs one position per layer; keys and
-  values are written straight into the cache by the kernel that splits the heads.
+  values are written straight into the cache by the kernel that splits the heads, and attention over
+  the cache is one fused kernel (launches, not arithmetic, are what a generation step spends).
 - Sampling (temperature, top-k, top-p) happens on the host with minimm.gpt.sample_next, on the (B, V)
   logits of the last position, so both backends sample the same way.
 - Dropout is not implemented: forward() is the eval-mode function (the trainer refuses dropout > 0).
@@ -75,11 +76,11 @@ class OpenCLGPT:
             if kv_cache is None:
                 q, k, v = A.split_heads(qkv, cfg.n_head, self.rope)  # each (B, nh, T, hs)
                 y = A.attention(q, k, v, causal=True, segment_ids=segment_ids)  # (B, nh, T, hs)
+                y = A.merge_heads(y)  # (B, T, C)
             else:
                 k, v = kv_cache.k[layer], kv_cache.v[layer]  # (B, nh, block_size, hs)
                 q = A.split_heads_into_cache(qkv, cfg.n_head, k, v, offset, self.rope)  # (B, nh, T, hs)
-                y = A.attention(q, k, v, causal=True, key_count=offset + T)  # (B, nh, T, hs)
-            y = A.merge_heads(y)  # (B, T, C)
+                y = A.cached_attention(q, k, v, key_count=offset + T)  # (B, T, C)
             x = F.linear(y, p(h + "attn.c_proj.weight"), p(h + "attn.c_proj.bias"), residual=x)  # (B, T, C)
             a = F.layer_norm(x, p(h + "ln_2.weight"), p(h + "ln_2.bias"))  # (B, T, C)
             a = F.gelu(F.linear(a, p(h + "mlp.c_fc.weight")), p(h + "mlp.c_fc.bias"))  # (B, T, 4C)

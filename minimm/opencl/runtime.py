@@ -75,25 +75,28 @@ class Device:
         self.vector_width = max(1, cl_device.preferred_vector_width_float)
         self.max_work_group_size = cl_device.max_work_group_size
         self._programs: dict[tuple[str, str], object] = {}  # (source hash, build options) -> Program
-        self._kernels: dict[tuple[str, str, str], object] = {}  # (source hash, options, name) -> Kernel
+        self._kernels: dict[tuple, object] = {}  # (name, source, defines) -> Kernel
 
     def __repr__(self) -> str:
         return f"Device({self.name})"
 
     def kernel(self, source: str, name: str, **defines: int | float):
-        """The kernel `name` of `source` built with `-D KEY=VALUE` for each define; built once, then cached."""
-        options = " ".join(f"-D{key}={value}" for key, value in sorted(defines.items()))
-        source_hash = hashlib.sha256(source.encode()).hexdigest()
-        key = (source_hash, options, name)
+        """The kernel `name` of `source` built with `-D KEY=VALUE` for each define; built once, then cached.
+
+        Looked up by the source string itself (Python caches a string's hash, so this costs well under a
+        microsecond per launch); the program cache below is keyed by a hash of the source.
+        """
+        key = (name, source, tuple(defines.items()))
         kernel = self._kernels.get(key)
         if kernel is None:
-            program = self._program(source, source_hash, options)
-            kernel = self.cl.Kernel(program, name)
+            options = " ".join(f"-D{k}={v}" for k, v in sorted(defines.items()))
+            kernel = self.cl.Kernel(self._program(source, options), name)
             kernel.set_scalar_arg_dtypes([_scalar_dtype(kernel, i) for i in range(kernel.num_args)])
             self._kernels[key] = kernel
         return kernel
 
-    def _program(self, source: str, source_hash: str, options: str):
+    def _program(self, source: str, options: str):
+        source_hash = hashlib.sha256(source.encode()).hexdigest()
         program = self._programs.get((source_hash, options))
         if program is None:
             program = self.cl.Program(self.context, source).build(options=f"-cl-kernel-arg-info {options}")

@@ -18,6 +18,7 @@ How it works (the micrograd / tinygrad idea, with kernels instead of Python floa
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import Callable, Iterator, Sequence
 
@@ -34,14 +35,11 @@ class Tensor:
                  requires_grad: bool = False):
         self.device = device
         self.shape = tuple(int(s) for s in shape)
+        self.size = math.prod(self.shape)
         self.dtype = np.dtype(dtype)
         self.buf = buf if buf is not None else device.alloc(self.nbytes)
         self.requires_grad = requires_grad
         self.grad: Tensor | None = None
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
 
     @property
     def nbytes(self) -> int:

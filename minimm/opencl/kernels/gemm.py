@@ -17,10 +17,14 @@ parameter names, https://arxiv.org/abs/1705.05249):
   packed, aligned panels of a CPU BLAS. This takes PoCL from ~3 GFLOP/s (the GPU layout) to 30-60 GFLOP/s
   on two cores. (PoCL does not inline vload/fma builtins, so the kernel uses plain vector arithmetic.)
 - Batches (attention's B * nh heads) are the third grid dimension, each with its own offset stride.
+- A linear layer's forward with at most 4 rows (generation: one token per sequence) skips the tiles:
+  `gemv_rows` reads each weight row once, which is all a matrix-vector product can do.
 
 Layout: row-major. op(A) is M x K, op(B) is K x N, C and D are M x N with row stride ldc; bias is (N,).
 """
 from __future__ import annotations
+
+import functools
 
 from minimm.opencl.runtime import Device
 
@@ -145,16 +149,48 @@ void sgemm(const int M, const int N, const int K, const float alpha, const float
         }
     }
 }
+
+/* The same contract for a few rows of C with op(B) = B^T (a linear layer during generation): one
+   work-item per column n reads its row of B once, along k, with no tiles to fill. */
+__kernel void gemv_rows(const int M, const int N, const int K, const float alpha, const float beta,
+                        __global const float* restrict A, const int offA, const int lda,
+                        __global const float* restrict B, const int offB, const int ldb,
+                        __global float* C, const int offC, const int ldc,
+                        __global const float* D, __global const float* bias)
+{
+    const int n = get_global_id(0);
+    if (n >= N) return;
+    __global const float* b = B + offB + n * ldb;
+    for (int m = 0; m < M; m++) {
+        __global const float* a = A + offA + m * lda;
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;  /* four sums in flight, not one chain */
+        int k = 0;
+        for (; k + 4 <= K; k += 4) {
+            s0 += a[k] * b[k];
+            s1 += a[k + 1] * b[k + 1];
+            s2 += a[k + 2] * b[k + 2];
+            s3 += a[k + 3] * b[k + 3];
+        }
+        for (; k < K; k++) s0 += a[k] * b[k];
+        float value = alpha * ((s0 + s1) + (s2 + s3));
+        if (beta != 0.0f) value += beta * D[offC + m * ldc + n];
+        if (bias) value += bias[n];
+        C[offC + m * ldc + n] = value;
+    }
+}
 """
 
+GEMV_MAX_ROWS = 4  # up to this many rows of C, a linear layer's forward uses gemv_rows
 
+
+@functools.lru_cache(maxsize=None)
 def tile_config(device: Device, M: int, N: int) -> dict[str, int]:
     """Build-time tile sizes for this device and an M x N result (see the module docstring)."""
     if not device.is_cpu:
         return dict(TS_M=64, TS_N=64, TS_K=16, WG_M=16, WG_N=16, RM=4, RN=4, VW=1, PAD=1, BLOCKED_TRANSPOSE=0)
     vw = 16 if device.vector_width >= 16 else 8  # AVX-512 or AVX2 registers
     cpu = dict(TS_K=64, WG_M=1, WG_N=1, RN=4, VW=vw, PAD=0, BLOCKED_TRANSPOSE=1)
-    if M <= 4:  # generation's one row per sequence: a tall tile would compute 64 rows to keep 1
+    if M <= 4:  # one row per sequence (generation): a tall tile would compute 64 rows to keep 1
         rows = 1 if M == 1 else 2 if M == 2 else 4
         return dict(TS_M=rows, TS_N=8 * vw, RM=rows, **cpu)
     # Bigger tiles copy less per multiply-add (the copy into local memory is scalar work), but leave
@@ -180,7 +216,11 @@ def sgemm(device: Device, M: int, N: int, K: int, A, B, C, *, trans_a: bool = Fa
     ldc = ldc if ldc is not None else N
     if beta != 0.0 and D is None:
         D = C
-    config = tile_config(device, M, N)
+    if M <= GEMV_MAX_ROWS and trans_b and not trans_a and batch == 1:
+        device.launch(device.kernel(SOURCE, "gemv_rows", **tile_config(device, 1, 1)), (N,), (64,),
+                      M, N, K, alpha, beta, A, offsets[0], lda, B, offsets[1], ldb, C, offsets[2], ldc, D, bias)
+        return
+    config = tile_config(device, min(M, 512), min(N, 512))  # the choice only looks below 512
     kernel = device.kernel(SOURCE, "sgemm", TRANS_A=int(trans_a), TRANS_B=int(trans_b), **config)
     groups_n = -(-N // config["TS_N"])
     groups_m = -(-M // config["TS_M"])
