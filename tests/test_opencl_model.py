@@ -203,6 +203,43 @@ def test_token_weighted_accumulation_and_checkpoint_formats():
         np.testing.assert_allclose(other.state_dict()[name].numpy(), p.numpy(), atol=0.04 * 1e-2, err_msg=name)
 
 
+def test_multimodal_model_generates_with_an_opencl_decoder():
+    """sample.py's integration: use_opencl_decoder keeps the ViT in PyTorch and decodes on OpenCL."""
+    from minimm.multimodal import MultimodalGPT
+    from minimm.opencl import use_opencl_decoder
+    torch.manual_seed(8)
+    model = MultimodalGPT.from_args(dict(
+        gpt=dict(vocab_size=97, block_size=48, n_layer=2, n_head=3, n_embd=36),
+        vision=dict(image_size=16, patch_size=8, n_layer=1, n_head=2, n_embd=20),
+        image_token_id=95, audio_token_id=96)).eval()
+    prompt = torch.tensor([[3, 95, 95, 95, 95, 7, 8]])  # an image's 4 placeholder tokens
+    images = torch.randn(1, 3, 16, 16)
+    expected = model.generate(prompt, 12, images=images, temperature=0)
+    ckpt = {"model": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}, "model_args": model.model_args()}
+    with torch.no_grad():
+        x = torch.tensor([[1, 2, 3, 4, 5]])
+        np.testing.assert_allclose(load_gpt(ckpt["model"], ckpt["model_args"])(x)[0].numpy(),
+                                   model(x)[0].numpy(), atol=ATOL)
+    use_opencl_decoder(model)
+    assert torch.equal(model.generate(prompt, 12, images=images, temperature=0), expected)
+
+
+def test_merged_lora_model_is_copied_with_its_effective_weights():
+    from minimm.lora import apply_lora, merge_lora
+    model = small_gpt(seed=9)
+    apply_lora(model, "attn.c_attn", r=2, alpha=4.0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_()  # a trained adapter: nonzero update
+    x = batch(13)[0]
+    with pytest.raises(ValueError, match="merge_lora"):
+        OpenCLGPT.from_torch(model)
+    merge_lora(model)
+    with torch.no_grad():
+        np.testing.assert_allclose(OpenCLGPT.from_torch(model)(x)[0].numpy(), model(x)[0].numpy(), atol=ATOL)
+
+
 def test_trainer_refuses_dropout():
     with pytest.raises(ValueError, match="dropout"):
         OpenCLTrainer(OpenCLGPT.from_torch(small_gpt(dropout=0.1)))

@@ -53,22 +53,30 @@ class OpenCLGPT:
     def _p(self, name: str) -> Tensor | None:
         return self.params.get(name)
 
-    def forward_tensors(self, idx: np.ndarray, targets: np.ndarray | None = None,
+    def forward_tensors(self, idx: np.ndarray | None, targets: np.ndarray | None = None,
                         segment_ids: np.ndarray | None = None, reduction: str = "mean",
-                        kv_cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
+                        kv_cache: KVCache | None = None,
+                        inputs_embeds: np.ndarray | None = None) -> tuple[Tensor, Tensor | None]:
         """GPT.forward on the device, recording the tape when parameters require grad.
 
-        idx, targets, segment_ids: host int arrays (B, T). Returns device tensors (logits, loss); without
-        targets only the last position's logits: (B, 1, V).
+        idx, targets, segment_ids: host int arrays (B, T); or inputs_embeds: host floats (B, T, C)
+        instead of idx (images and audio spliced in; inference only). Returns device tensors
+        (logits, loss); without targets only the last position's logits: (B, 1, V).
         """
         cfg, p = self.config, self._p
-        B, T = idx.shape
+        B, T = idx.shape if inputs_embeds is None else inputs_embeds.shape[:2]
         offset = kv_cache.pos if kv_cache is not None else 0
         if offset + T > cfg.block_size:
             raise ValueError(f"sequence of {offset + T} tokens exceeds block_size {cfg.block_size}")
         if kv_cache is not None and segment_ids is not None:
             raise ValueError("segment_ids are for training on packed examples, not for a KV cache")
-        x = F.embedding(idx, p("transformer.wte.weight"), p("transformer.wpe.weight"), offset)  # (B, T, C)
+        if inputs_embeds is None:
+            x = F.embedding(idx, p("transformer.wte.weight"), p("transformer.wpe.weight"), offset)  # (B, T, C)
+        else:
+            x = Tensor.from_numpy(self.device, inputs_embeds)  # (B, T, C)
+            if cfg.pos_emb == "learned":
+                positions = np.broadcast_to(np.arange(offset, offset + T), (B, T))
+                x = F.add(x, F.embedding(positions, p("transformer.wpe.weight")))  # (B, T, C)
         for layer in range(cfg.n_layer):
             h = f"transformer.h.{layer}."
             a = F.layer_norm(x, p(h + "ln_1.weight"), p(h + "ln_1.bias"))  # (B, T, C)
@@ -93,16 +101,19 @@ class OpenCLGPT:
         logits = F.linear(x, p("transformer.wte.weight"))  # (B, T, V), the tied output head
         return logits, F.cross_entropy(logits, targets, reduction=reduction)
 
-    def forward(self, idx, targets=None, segment_ids=None, reduction: str = "mean",
-                kv_cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, idx=None, targets=None, segment_ids=None, reduction: str = "mean",
+                kv_cache: KVCache | None = None, inputs_embeds=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """GPT.forward's contract with host tensors in and out (evaluation: no gradients).
 
-        idx, targets, segment_ids: (B, T) torch tensors or numpy arrays. Returns (logits, loss) as CPU
-        torch tensors: logits (B, T, V) with targets, else (B, 1, V); loss as GPT's (None without targets).
+        idx, targets, segment_ids: (B, T) torch tensors or numpy arrays; inputs_embeds: (B, T, C) floats.
+        Returns (logits, loss) as CPU torch tensors: logits (B, T, V) with targets, else (B, 1, V); loss
+        as GPT's (None without targets).
         """
+        if inputs_embeds is not None:
+            inputs_embeds = torch.as_tensor(inputs_embeds).detach().float().cpu().numpy()
         with no_grad():
             logits, loss = self.forward_tensors(_host_ints(idx), _host_ints(targets), _host_ints(segment_ids),
-                                                reduction, kv_cache)
+                                                reduction, kv_cache, inputs_embeds)
             return (torch.from_numpy(logits.numpy()),
                     None if loss is None else torch.from_numpy(loss.numpy()))
 
@@ -111,10 +122,13 @@ class OpenCLGPT:
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, stop_tokens: tuple[int, ...] = (),
-                 callback: Callable[[torch.Tensor], None] | None = None, use_cache: bool = True) -> torch.Tensor:
+                 callback: Callable[[torch.Tensor], None] | None = None, inputs_embeds=None,
+                 use_cache: bool = True) -> torch.Tensor:
         """GPT.generate with the KV cache on the device: continue idx (B, T) by up to max_new_tokens
-        tokens and return (B, T + new) as a CPU LongTensor. Arguments as GPT.generate (no inputs_embeds:
-        images and audio are spliced in by the PyTorch multimodal model only)."""
+        tokens and return (B, T + new) as a CPU LongTensor. Arguments as GPT.generate; inputs_embeds
+        (B, T, C), the prompt with images or audio spliced in, needs the cache (use_cache=True)."""
+        if inputs_embeds is not None and not use_cache:
+            raise ValueError("inputs_embeds needs use_cache=True on the OpenCL backend")
         idx = torch.as_tensor(idx, dtype=torch.long).cpu()
         B = idx.shape[0]
         cache = KVCache(self.config, B, self.device) if use_cache else None
@@ -123,8 +137,10 @@ class OpenCLGPT:
         for step in range(max_new_tokens):
             if idx.shape[1] >= self.config.block_size:
                 break
-            context = idx[:, -1:] if cache is not None and step > 0 else idx
-            logits, _ = self.forward(context, kv_cache=cache)  # (B, 1, V)
+            if cache is not None and step > 0:
+                logits, _ = self.forward(idx[:, -1:], kv_cache=cache)  # (B, 1, V)
+            else:
+                logits, _ = self.forward(idx, kv_cache=cache, inputs_embeds=inputs_embeds)  # (B, 1, V)
             next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p)  # (B,)
             next_token = torch.where(done, idx[:, -1], next_token)
             idx = torch.cat([idx, next_token[:, None]], dim=1)  # (B, T + 1)
@@ -146,18 +162,47 @@ class OpenCLGPT:
 
     @classmethod
     def from_torch(cls, model: torch.nn.Module, device: str = "opencl") -> OpenCLGPT:
-        """A copy of a minimm.gpt.GPT on the OpenCL device."""
-        return load_gpt(model.state_dict(), asdict(model.config), device)
+        """A copy of a minimm.gpt.GPT on the OpenCL device. LoRA layers (minimm.lora) must be merged
+        first (merge_lora): their effective weight is what gets copied."""
+        weights = dict(model.state_dict())
+        for name, module in model.named_modules():
+            if hasattr(module, "lora_A"):  # a LoRALinear: copy the weight it computes with
+                if not module.merged:
+                    raise ValueError(f"{name} has an unmerged LoRA adapter: call minimm.lora.merge_lora(model)")
+                weight = module.merged_weight if module.merged_weight is not None else module.base.weight
+                weights = {k: v for k, v in weights.items() if not k.startswith(name + ".")}
+                weights[name + ".weight"] = weight
+                if module.base.bias is not None:
+                    weights[name + ".bias"] = module.base.bias
+        return load_gpt(weights, asdict(model.config), device)
+
+
+def use_opencl_decoder(model: torch.nn.Module, device: str = "opencl") -> OpenCLGPT:
+    """Route a PyTorch model's generation through an OpenCL copy of its decoder; returns the copy.
+
+    model: a minimm GPT, or a MultimodalGPT (its ViT, audio encoder and projectors keep running in
+    PyTorch on the CPU and hand their embeddings to the OpenCL decoder through inputs_embeds). After
+    this, model.generate(...) works as before, on the OpenCL device; later changes to the PyTorch
+    weights are not seen.
+    """
+    gpt = getattr(model, "gpt", model)
+    opencl = OpenCLGPT.from_torch(gpt, device)
+    gpt.generate = opencl.generate  # the instance attribute shadows GPT.generate
+    return opencl
 
 
 def load_gpt(state_dict: Mapping[str, torch.Tensor], model_args: Mapping, device: str = "opencl") -> OpenCLGPT:
     """An OpenCLGPT from GPT's state_dict and model_args (a checkpoint's "model" and "model_args").
 
-    device: "opencl" or "opencl:P:D" (see minimm.opencl.runtime.get_device).
+    A MultimodalGPT checkpoint (model_args with a "gpt" entry) gives its decoder; its encoders are not
+    ported to OpenCL. device: "opencl" or "opencl:P:D" (see minimm.opencl.runtime.get_device).
     """
+    weights = {name.removeprefix("_orig_mod."): t for name, t in state_dict.items()}
+    if "gpt" in model_args:  # a MultimodalGPT checkpoint: its decoder is the GPT under "gpt."
+        model_args = model_args["gpt"]
+        weights = {name.removeprefix("gpt."): t for name, t in weights.items() if name.startswith("gpt.")}
     config = GPTConfig(**model_args)
     dev = get_device(device)
-    weights = {name.removeprefix("_orig_mod."): t for name, t in state_dict.items()}
     weights.pop("lm_head.weight", None)  # tied: the same matrix as transformer.wte.weight
     expected = expected_parameter_names(config)
     missing, unexpected = expected - weights.keys(), weights.keys() - expected
