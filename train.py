@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 from minimm import ops
 from minimm.config import describe, load_config, save_config, to_dict
-from minimm.data import Batches, Split, dataset_status
+from minimm.data import Batches, Split
+from minimm.pack import dataset_status
 from minimm.evaluate import evaluate_tasks
 from minimm.lora import apply_lora, count_parameters, lora_state_dict, mark_trainable, save_lora
 from minimm.multimodal import MultimodalGPT, set_trainable

@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from minimm.data import Batches, Split, build_dataset  # noqa: E402
+from minimm.data import Batches, Split  # noqa: E402
+from minimm.pack import build_dataset  # noqa: E402
 from minimm.formats import Example  # noqa: E402
 from minimm.gpt import GPT, GPTConfig  # noqa: E402
 from minimm.tokenizer import Tokenizer  # noqa: E402

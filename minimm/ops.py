@@ -90,7 +90,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     A query row whose keys are all masked (only possible with key_lengths == 0) returns zeros.
     """
     backend = backend or _backend
-    if backend == "triton" and segment_ids is None and q.shape[2] == k.shape[2]:
+    if backend == "triton" and segment_ids is None and q.shape[2] == k.shape[2] and q.shape[-1] <= 128:
         from minimm.kernels.attention import triton_attention
         return triton_attention(q, k, v, causal=causal, key_lengths=key_lengths)
     mask = attention_mask(q.shape[2], k.shape[2], causal, key_lengths, segment_ids, q.device)

@@ -11,7 +11,7 @@ What this file teaches:
   Tasks come from the config, so a new task is a new string, not new code.
 - Data can never inject a special token: `encode` treats "<|assistant|>" in a document as ordinary text
   (tiktoken's encode_ordinary); special ids only come from `special()` / `task_token()`, called by the
-  code that builds examples (minimm/data.py).
+  code that builds examples (minimm/render.py).
 - The vocabulary travels as strings: `state()` is plain str/int/list values (the ranks in tiktoken's
   text format: one "base64(token) rank" line per token), so it fits in a checkpoint loaded with
   torch.load(weights_only=True); `save()` writes the same as ranks.tiktoken + tokenizer.json.

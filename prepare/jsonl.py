@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from minimm.config import TrainConfig, load_config  # noqa: E402
-from minimm.data import MediaSpec, build_dataset, describe_meta  # noqa: E402
+from minimm.data import MediaSpec  # noqa: E402
+from minimm.pack import build_dataset, describe_meta  # noqa: E402
 from minimm.formats import Example, read_examples, write_jsonl  # noqa: E402
 from minimm.tokenizer import Tokenizer  # noqa: E402
 from minimm.training import load_checkpoint  # noqa: E402

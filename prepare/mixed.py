@@ -18,7 +18,7 @@ Everything comes from what every Python installation has, plus synthetic data dr
 Validation images and clips are drawn from their own seeds, so none is seen in training.
 The examples are written first as JSONL in the schemas of minimm/formats.py (so the default data
 exercises every reader), then read back, the tokenizer is trained on the training split, and the data
-is packed by minimm/data.py.
+is packed by minimm/pack.py.
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from minimm.config import TrainConfig, load_config  # noqa: E402
-from minimm.data import MediaSpec, build_dataset, describe_meta  # noqa: E402
+from minimm.data import MediaSpec  # noqa: E402
+from minimm.pack import build_dataset, describe_meta  # noqa: E402
 from minimm.formats import IMAGE_MARKER, AUDIO_MARKER, read_examples, write_jsonl  # noqa: E402
 from minimm.tokenizer import Tokenizer  # noqa: E402
 from prepare.shapes import make_image_examples, split_seed  # noqa: E402

@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from minimm.data import Batches, Split, build_dataset, dataset_status
+from minimm.data import Batches, Split
+from minimm.pack import build_dataset, dataset_status
 from minimm.formats import Example
 from minimm.render import render, render_prompt
 from minimm.tokenizer import Tokenizer
