@@ -77,7 +77,7 @@ if master:
 if ddp:
     torch.distributed.barrier()
 tok = Tokenizer.load(data_dir / "tokenizer")
-train_split = Split(data_dir, "train", cfg.block_size)
+train_split = Split(data_dir, "train", cfg.block_size, cfg.task_weights)
 train_batches = Batches(train_split, cfg.batch_size, cfg.seed, rank, world_size)
 val_batches = Batches(Split(data_dir, "val", cfg.block_size), cfg.batch_size, cfg.seed + 1)
 tokens_per_step = cfg.batch_size * cfg.block_size * cfg.gradient_accumulation_steps * world_size

@@ -44,6 +44,7 @@ class TrainConfig:
     data_scale: float = 1.0  # multiplies how many bundled examples prepare/mixed.py makes
     max_bad_fraction: float = 0.1
     strict: bool = False  # stop at the first unreadable image or audio file instead of skipping it
+    task_weights: dict = field(default_factory=dict)  # {task: weight}: how often packed examples are drawn
     n_images: int = 4000  # bundled image questions (training split; times data_scale)
     n_audio: int = 2000  # bundled audio clips (training split; times data_scale)
     # model

@@ -75,7 +75,9 @@ class Batch:
 class Split:
     """One split of a packed dataset on disk, and the rows drawn from it."""
 
-    def __init__(self, data_dir: str | Path, split: str, block_size: int):
+    def __init__(self, data_dir: str | Path, split: str, block_size: int, task_weights: dict | None = None):
+        """task_weights: {task: weight} scales how often each task's packed examples are drawn (default
+        1: in proportion to their count); the text stream keeps its share of the tokens."""
         data_dir = Path(data_dir)
         meta = json.loads((data_dir / "meta.json").read_text())
         self.ids = np.memmap(data_dir / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
@@ -101,6 +103,8 @@ class Split:
         self.n_truncated = int((too_long & ~has_media).sum())
         self.n_dropped = int((too_long & has_media).sum())
         self.packed = packed[~(too_long & has_media)]
+        weights = np.array([(task_weights or {}).get(t, 1.0) for t in meta["tasks"]])[self.packed[:, 2]]
+        self.cumulative = np.cumsum(weights) / weights.sum() if len(weights) else weights  # (N,)
         packed_tokens = int(self.packed[:, 1].sum())
         total = self.stream_end + packed_tokens
         # a row is a text window with probability equal to the text stream's share of the tokens
@@ -135,7 +139,7 @@ class Split:
         pos, segment = 0, 0
         while pos < T + 1:
             start, length, _, _, first_image, n_images, first_clip, n_clips = \
-                self.packed[int(rng.integers(0, len(self.packed)))]
+                self.packed[min(int(np.searchsorted(self.cumulative, rng.random())), len(self.packed) - 1)]
             if length > T + 1 - pos:
                 if pos > 0:
                     break

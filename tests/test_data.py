@@ -102,3 +102,14 @@ def test_stale_detection(tmp_path, tok):
     assert dataset_status(tmp_path, {"v": 1}) == "ok"
     assert dataset_status(tmp_path, {"v": 2}) == "stale"
     assert json.loads((tmp_path / "meta.json").read_text())["settings"] == {"v": 1}
+
+
+def test_task_weights_change_how_often_a_task_is_drawn(tmp_path, tok):
+    make_dataset(tmp_path, tok, {"v": 1})
+    counts = {}
+    for weights in ({}, {"code": 9.0}):
+        split = Split(tmp_path, "train", block_size=64, task_weights=weights)
+        split.p_window = 0.0  # packed rows only
+        tasks = np.concatenate([split.row(np.random.default_rng(i))[2] for i in range(200)])
+        counts[bool(weights)] = (tasks == tok.tasks.index("code")).mean()
+    assert counts[True] > counts[False] + 0.15
