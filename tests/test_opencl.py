@@ -171,9 +171,11 @@ def test_add_mul_scale(dev):
 
 
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_gelu_with_bias(dev, with_bias):
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_gelu_with_bias(dev, with_bias, approximate):
     z, bias = randn(5, 9, 37, seed=1, scale=2.0), randn(37, seed=2) if with_bias else None
-    check(dev, Fcl.gelu, lambda z, b: F.gelu(z if b is None else z + b, approximate="tanh"), z, bias)
+    check(dev, lambda z, b: Fcl.gelu(z, b, approximate),
+          lambda z, b: F.gelu(z if b is None else z + b, approximate=approximate), z, bias)
 
 
 @pytest.mark.parametrize("with_bias,with_residual", [(True, False), (False, True), (True, True)])

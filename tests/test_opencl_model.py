@@ -240,6 +240,33 @@ def test_merged_lora_model_is_copied_with_its_effective_weights():
         np.testing.assert_allclose(OpenCLGPT.from_torch(model)(x)[0].numpy(), model(x)[0].numpy(), atol=ATOL)
 
 
+def test_vit_forward_and_gradients_match_torch():
+    from minimm.opencl.tensor import Tensor
+    from minimm.opencl.vit import OpenCLViT
+    from minimm.vit import ViT, ViTConfig
+    torch.manual_seed(10)
+    vit = ViT(ViTConfig(image_size=24, patch_size=8, n_layer=2, n_head=2, n_embd=20))
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    images = torch.randn(2, 3, 24, 24)
+    cl = OpenCLViT.from_torch(vit)
+    out = vit(images)  # (B, P, C)
+    np.testing.assert_allclose(cl(images).numpy(), out.detach().numpy(), atol=ATOL)
+    upstream = torch.randn(out.shape)
+    (out * upstream).sum().backward()
+    for t in cl.params.values():
+        t.requires_grad = True
+    cl.forward_tensors(images).backward(Tensor.from_numpy(cl.device, upstream.numpy()))
+    for name, p in vit.named_parameters():
+        np.testing.assert_allclose(cl.params[name].grad.numpy().reshape(p.shape), p.grad.numpy(),
+                                   atol=1e-4, rtol=1e-4, err_msg=name)
+    bigger = torch.randn(1, 3, 32, 32)  # a 4x4 grid from the 3x3 one: interpolated positions
+    with torch.no_grad():
+        np.testing.assert_allclose(cl(bigger).numpy(), vit(bigger).numpy(), atol=ATOL)
+    assert all(torch.equal(cl.state_dict()[name], t) for name, t in vit.state_dict().items())
+
+
 def test_trainer_refuses_dropout():
     with pytest.raises(ValueError, match="dropout"):
         OpenCLTrainer(OpenCLGPT.from_torch(small_gpt(dropout=0.1)))

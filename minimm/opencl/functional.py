@@ -87,17 +87,21 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, residual: Tens
     return record(out, (x, weight, bias, residual), backward)
 
 
-def gelu(z: Tensor, bias: Tensor | None = None) -> Tensor:
-    """GELU (tanh form) of z + bias: the MLP's activation fused with its bias. z: (..., N), bias: (N,)."""
+def gelu(z: Tensor, bias: Tensor | None = None, approximate: str = "tanh") -> Tensor:
+    """GELU of z + bias: the MLP's activation fused with its bias. z: (..., N), bias: (N,).
+    approximate: "tanh" (the GPT's) or "none" (the erf form, F.gelu's default), as in F.gelu."""
+    if approximate not in ("tanh", "none"):
+        raise ValueError(f"approximate={approximate!r}: expected 'tanh' or 'none'")
+    exact = approximate == "none"
     device, cols = z.device, z.shape[-1]
     rows = z.size // cols
     bias_buf = None if bias is None else bias.buf
     out = Tensor(device, z.shape)
-    elementwise.bias_gelu_forward(device, rows, cols, z.buf, bias_buf, out.buf)
+    elementwise.bias_gelu_forward(device, rows, cols, z.buf, bias_buf, out.buf, exact)
 
     def backward(dy: Tensor) -> None:
         dz = Tensor(device, z.shape)
-        elementwise.bias_gelu_backward(device, rows, cols, z.buf, bias_buf, dy.buf, dz.buf)
+        elementwise.bias_gelu_backward(device, rows, cols, z.buf, bias_buf, dy.buf, dz.buf, exact)
         if wants_grad(bias):
             elementwise.column_sum(device, rows, cols, dz.buf, zero_grad_buffer(bias), accumulate=True)
         if wants_grad(z):

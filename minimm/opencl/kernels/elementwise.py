@@ -2,10 +2,11 @@
 
 - One kernel `axpby` (BLAS's name for alpha * x + beta * y) is the residual add, the gradient
   accumulation, the scale and the copy: fewer kernels to read, one to test.
-- GELU in its tanh form (Hendrycks & Gimpel 2016, https://arxiv.org/abs/1606.08415), fused with the bias
-  of the linear layer before it, so the pre-activation is read once. The backward recomputes tanh rather
-  than storing it: memory is what limits a training batch, arithmetic is cheap. The derivative is written
-  in the same order as PyTorch's GeluBackward so that the two agree to float32 rounding.
+- GELU (Hendrycks & Gimpel 2016, https://arxiv.org/abs/1606.08415), fused with the bias of the linear
+  layer before it, so the pre-activation is read once: the tanh form (`exact` = 0, GPT-2's and the
+  GPT's) or the erf form (`exact` = 1, PyTorch's default, the ViT's). The backward recomputes the
+  activation rather than storing it: memory is what limits a training batch, arithmetic is cheap. The
+  derivatives are written in the same order as PyTorch's GeluBackward, so the two agree to rounding.
 - `column_sum` turns a (rows, cols) gradient into a bias gradient with one work-item per column and a
   sequential loop over rows: deterministic, unlike atomics.
 
@@ -36,28 +37,40 @@ __kernel void mul(const int n, __global const float* x, __global const float* y,
     out[i] = accumulate ? out[i] + x[i] * y[i] : x[i] * y[i];
 }
 
-/* out = gelu(z + bias[col]); z: (rows, cols), bias: (cols,) or NULL */
-__kernel void bias_gelu_forward(const int n, const int cols, __global const float* z,
-                                __global const float* bias, __global float* out) {
-    const int i = get_global_id(0);
-    if (i >= n) return;
-    const float x = bias ? z[i] + bias[i % cols] : z[i];
-    out[i] = 0.5f * x * (1.0f + tanh(GELU_BETA * (x + GELU_KAPPA * x * x * x)));
+float gelu(const float x, const int exact) {
+    if (exact) return x * 0.5f * (1.0f + erf(x * M_SQRT1_2_F));
+    return 0.5f * x * (1.0f + tanh(GELU_BETA * (x + GELU_KAPPA * x * x * x)));
 }
 
-/* dz = dout * gelu'(z + bias[col]) */
-__kernel void bias_gelu_backward(const int n, const int cols, __global const float* z,
-                                 __global const float* bias, __global const float* dout,
-                                 __global float* dz) {
-    const int i = get_global_id(0);
-    if (i >= n) return;
-    const float x = bias ? z[i] + bias[i % cols] : z[i];
+float gelu_derivative(const float x, const int exact) {
+    if (exact) {
+        const float cdf = 0.5f * (1.0f + erf(x * M_SQRT1_2_F));
+        const float pdf = 0.3989422804014327f * exp(x * x * -0.5f);  /* 1 / sqrt(2 pi) */
+        return cdf + x * pdf;
+    }
     const float x_sq = x * x;
     const float tanh_inner = tanh(GELU_BETA * (x + GELU_KAPPA * x_sq * x));
     const float left_derivative = 0.5f * (1.0f + tanh_inner);
     const float right_derivative = 0.5f * x * (1.0f - tanh_inner * tanh_inner)
                                    * GELU_BETA * (1.0f + 3.0f * GELU_KAPPA * x_sq);
-    dz[i] = dout[i] * (left_derivative + right_derivative);
+    return left_derivative + right_derivative;
+}
+
+/* out = gelu(z + bias[col]); z: (rows, cols), bias: (cols,) or NULL */
+__kernel void bias_gelu_forward(const int n, const int cols, const int exact, __global const float* z,
+                                __global const float* bias, __global float* out) {
+    const int i = get_global_id(0);
+    if (i >= n) return;
+    out[i] = gelu(bias ? z[i] + bias[i % cols] : z[i], exact);
+}
+
+/* dz = dout * gelu'(z + bias[col]) */
+__kernel void bias_gelu_backward(const int n, const int cols, const int exact, __global const float* z,
+                                 __global const float* bias, __global const float* dout,
+                                 __global float* dz) {
+    const int i = get_global_id(0);
+    if (i >= n) return;
+    dz[i] = dout[i] * gelu_derivative(bias ? z[i] + bias[i % cols] : z[i], exact);
 }
 
 /* out[col] (+)= sum over rows of x[row, col] */
@@ -88,14 +101,14 @@ def mul(device: Device, n: int, x, y, out, accumulate: bool = False) -> None:
     launch_elements(device, device.kernel(SOURCE, "mul"), n, n, x, y, out, int(accumulate))
 
 
-def bias_gelu_forward(device: Device, rows: int, cols: int, z, bias, out) -> None:
+def bias_gelu_forward(device: Device, rows: int, cols: int, z, bias, out, exact: bool = False) -> None:
     launch_elements(device, device.kernel(SOURCE, "bias_gelu_forward"), rows * cols, rows * cols, cols,
-                    z, bias, out)
+                    int(exact), z, bias, out)
 
 
-def bias_gelu_backward(device: Device, rows: int, cols: int, z, bias, dout, dz) -> None:
+def bias_gelu_backward(device: Device, rows: int, cols: int, z, bias, dout, dz, exact: bool = False) -> None:
     launch_elements(device, device.kernel(SOURCE, "bias_gelu_backward"), rows * cols, rows * cols, cols,
-                    z, bias, dout, dz)
+                    int(exact), z, bias, dout, dz)
 
 
 def column_sum(device: Device, rows: int, cols: int, x, out, accumulate: bool = False) -> None:
