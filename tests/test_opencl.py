@@ -186,6 +186,18 @@ def test_linear(dev, with_bias, with_residual):
     check(dev, Fcl.linear, lambda x, w, b, r: F.linear(x, w, b) + (0 if r is None else r), x, w, bias, residual)
 
 
+@pytest.mark.parametrize("stride,channels_last", [(1, False), (2, True), (2, False)])
+def test_conv1d(dev, stride, channels_last):
+    B, Cin, F_in, Cout = 2, 5, 13, 7
+    x, w, b = randn(B, Cin, F_in, seed=1), randn(Cout, Cin, 3, seed=2, scale=0.3), randn(Cout, seed=3)
+
+    def reference(x, w, b):
+        return torch.nn.functional.conv1d(x.transpose(1, 2) if channels_last else x, w, b, stride=stride,
+                                          padding=1).transpose(1, 2)  # (B, Tout, Cout)
+    x_in = x.transpose(1, 2).contiguous() if channels_last else x
+    check(dev, lambda x, w, b: Fcl.conv1d(x, w, b, stride, 1, channels_last), reference, x_in, w, b)
+
+
 # -------------------------------------------------------------------------------------------------- norms
 
 @pytest.mark.parametrize("with_bias", [True, False])

@@ -267,6 +267,27 @@ def test_vit_forward_and_gradients_match_torch():
     assert all(torch.equal(cl.state_dict()[name], t) for name, t in vit.state_dict().items())
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_audio_encoder_forward_and_gradients_match_torch(padded):
+    from minimm.audio import AudioEncoder, AudioEncoderConfig
+    from minimm.opencl.audio import OpenCLAudioEncoder
+    from minimm.opencl.tensor import Tensor
+    torch.manual_seed(11)
+    encoder = AudioEncoder(AudioEncoderConfig(n_mels=12, n_embd=24, n_layer=2, n_head=2, max_frames=40))
+    mels, lengths = torch.randn(2, 12, 23), torch.tensor([23, 14]) if padded else None
+    cl = OpenCLAudioEncoder.from_torch(encoder)
+    out = encoder(mels, lengths)  # (B, T, C)
+    np.testing.assert_allclose(cl(mels, lengths).numpy(), out.detach().numpy(), atol=ATOL)
+    upstream = torch.randn(out.shape)
+    (out * upstream).sum().backward()
+    for t in cl.params.values():
+        t.requires_grad = True
+    cl.forward_tensors(mels, lengths).backward(Tensor.from_numpy(cl.device, upstream.numpy()))
+    for name, p in encoder.named_parameters():
+        np.testing.assert_allclose(cl.params[name].grad.numpy(), p.grad.numpy(), atol=1e-4, rtol=1e-4,
+                                   err_msg=name)
+
+
 def test_trainer_refuses_dropout():
     with pytest.raises(ValueError, match="dropout"):
         OpenCLTrainer(OpenCLGPT.from_torch(small_gpt(dropout=0.1)))

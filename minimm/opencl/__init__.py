@@ -1,8 +1,8 @@
 """An optional OpenCL backend: the GPT's forward, backward, AdamW and generation on any OpenCL device.
 
 Layers, read bottom-up: runtime (devices, program cache) -> kernels/ (OpenCL C) -> tensor (device
-buffers and the autograd tape) -> functional, attention (differentiable ops) -> model (the GPT) ->
-optim (AdamW) -> trainer (the step train.py calls).
+buffers and the autograd tape) -> functional, attention (differentiable ops) -> model (the GPT), vit
+and audio (the encoders) -> optim (AdamW) -> trainer (the step train.py calls).
 
 The entry points for the scripts:
     use_opencl_decoder(model, "opencl")   # sample.py: model.generate(...) now decodes on OpenCL

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from minimm.opencl.kernels import conv1d as conv
 from minimm.opencl.kernels import cross_entropy as ce_kernels
 from minimm.opencl.kernels import elementwise, embedding as emb_kernels, norms
 from minimm.opencl.kernels.gemm import sgemm
@@ -107,6 +108,34 @@ def gelu(z: Tensor, bias: Tensor | None = None, approximate: str = "tanh") -> Te
         if wants_grad(z):
             accumulate_grad(z, dz)
     return record(out, (z, bias), backward)
+
+
+def conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride: int = 1, padding: int = 0,
+           channels_last: bool = False) -> Tensor:
+    """nn.Conv1d's function, output in token layout. x: (B, Cin, F), or (B, F, Cin) with channels_last;
+    weight: (Cout, Cin, KS) -> (B, Tout, Cout), Tout = (F + 2 * padding - KS) // stride + 1."""
+    device, (Cout, Cin, KS) = x.device, weight.shape
+    B, F_in = x.shape[0], x.shape[1] if channels_last else x.shape[2]
+    Tout = (F_in + 2 * padding - KS) // stride + 1
+    M, K = B * Tout, Cin * KS  # the weight (Cout, Cin, KS) is the matrix (Cout, K)
+    geometry = (B, Cin, F_in, Tout, KS, stride, padding, channels_last)
+    cols = Tensor(device, (M, K))  # every window as a row
+    conv.im2col(device, *geometry, x.buf, cols.buf)
+    out = Tensor(device, (B, Tout, Cout))
+    sgemm(device, M, Cout, K, cols.buf, weight.buf, out.buf, trans_b=True, bias=None if bias is None else bias.buf)
+
+    def backward(dy: Tensor) -> None:
+        if wants_grad(x):  # dcols = dy @ W, folded back onto the input
+            dcols = Tensor(device, (M, K))
+            sgemm(device, M, K, Cout, dy.buf, weight.buf, dcols.buf)
+            buf, accumulate = grad_buffer(x)
+            conv.col2im(device, *geometry, dcols.buf, buf, accumulate)
+        if wants_grad(weight):  # dW = dy^T @ cols
+            buf, accumulate = grad_buffer(weight)
+            sgemm(device, Cout, K, M, dy.buf, cols.buf, buf, trans_a=True, beta=float(accumulate))
+        if wants_grad(bias):
+            elementwise.column_sum(device, M, Cout, dy.buf, zero_grad_buffer(bias), accumulate=True)
+    return record(out, (x, weight, bias), backward)
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None = None, eps: float = 1e-5) -> Tensor:
