@@ -152,7 +152,8 @@ def chat_rows(prefix: str, n: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def lora_runs(tmp_path_factory):
-    """A tiny multimodal base (2 steps), then config/lora.py on other data (3 steps): (tmp, stdouts)."""
+    """A tiny multimodal base (2 steps), then config/lora.py and config/sft.py on other data (3 and 2
+    steps): (tmp, stdouts)."""
     tmp = tmp_path_factory.mktemp("lora")
     image_rows = []
     for i, (name, rgb) in enumerate(COLORS.items()):
@@ -169,7 +170,9 @@ def lora_runs(tmp_path_factory):
     runs = {"base": [f"--train_files=['{tmp / 'base.jsonl'}']", "--dataset=base", f"--out_dir={tmp / 'base'}",
                      "--max_iters=2"],
             "lora": ["config/lora.py", f"--train_files=['{tmp / 'tune.jsonl'}']", "--dataset=tune",
-                     f"--init_from={tmp / 'base'}", f"--out_dir={tmp / 'lora'}", "--max_iters=3"]}
+                     f"--init_from={tmp / 'base'}", f"--out_dir={tmp / 'lora'}", "--max_iters=3"],
+            "sft": ["config/sft.py", f"--train_files=['{tmp / 'tune.jsonl'}']", "--dataset=tune",
+                    f"--init_from={tmp / 'base'}", f"--out_dir={tmp / 'sft'}", "--max_iters=2"]}
     stdout = {}
     for name, args in runs.items():
         proc = subprocess.run([sys.executable, "train.py", *args, *common], cwd=ROOT, capture_output=True,
@@ -223,6 +226,21 @@ def test_train_prints_trainable_and_total_parameters(lora_runs):
     trainable, total = count_parameters(model)
     assert trainable == sum(v.numel() for v in ckpt["lora"]["tensors"].values()) < total / 2
     assert printed.groups() == (f"{total / 1e6:.2f}", f"{trainable / 1e6:.2f}")
+
+
+def test_full_fine_tune_trains_every_part_from_the_base(lora_runs):
+    tmp, stdout = lora_runs
+    base = load_checkpoint(tmp / "base" / "ckpt.pt")
+    tuned = load_checkpoint(tmp / "sft" / "ckpt.pt")
+    assert "lora" not in tuned and not (tmp / "sft" / "lora.pt").exists()
+    assert tuned["model_args"] == base["model_args"] and tuned.keys() >= {"model", "tokenizer", "config"}
+    changed = {k for k in base["model"] if not torch.equal(base["model"][k], tuned["model"][k])}
+    for part in ("gpt.transformer.h.0.attn.c_attn.weight", "gpt.transformer.wte.weight",
+                 "image_projector.mlp.0.weight", "vision.blocks.0.attn.qkv.weight"):
+        assert part in changed, part
+    assert tuned["tokenizer"] == base["tokenizer"]
+    printed = re.search(r"model: ([\d.]+)M parameters, ([\d.]+)M trainable", stdout["sft"])
+    assert printed and printed.group(1) == printed.group(2)
 
 
 def test_fine_tune_reads_its_data_with_the_base_tokenizer(lora_runs):
