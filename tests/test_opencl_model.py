@@ -186,7 +186,7 @@ def test_token_weighted_accumulation_and_checkpoint_formats():
     optimizer.zero_grad(set_to_none=True)
     trainer.update(1e-2)
     fresh = GPT(model.config)
-    fresh.load_state_dict(trainer.state_dict())  # strict: every key, tied head included
+    trainer.copy_to(fresh)  # load_state_dict, strict: every key, tied head included
     for name, p in model.state_dict().items():
         np.testing.assert_allclose(fresh.state_dict()[name].numpy(), p.numpy(), atol=0.02 * 1e-2, err_msg=name)
     # the optimizer state is torch's: resume the torch run from the OpenCL state and vice versa

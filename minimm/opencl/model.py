@@ -50,9 +50,6 @@ class OpenCLGPT:
             cos, sin = rope_tables(config.block_size, config.n_embd // config.n_head, config.rope_base)
             self.rope = (Tensor.from_numpy(device, cos.numpy()), Tensor.from_numpy(device, sin.numpy()))
 
-    def _p(self, name: str) -> Tensor | None:
-        return self.params.get(name)
-
     def forward_tensors(self, idx: np.ndarray | None, targets: np.ndarray | None = None,
                         segment_ids: np.ndarray | None = None, reduction: str = "mean",
                         kv_cache: KVCache | None = None,
@@ -63,7 +60,7 @@ class OpenCLGPT:
         instead of idx (images and audio spliced in; inference only). Returns device tensors
         (logits, loss); without targets only the last position's logits: (B, 1, V).
         """
-        cfg, p = self.config, self._p
+        cfg, p = self.config, self.params.get
         B, T = idx.shape if inputs_embeds is None else inputs_embeds.shape[:2]
         offset = kv_cache.pos if kv_cache is not None else 0
         if offset + T > cfg.block_size:
@@ -112,12 +109,18 @@ class OpenCLGPT:
         if inputs_embeds is not None:
             inputs_embeds = torch.as_tensor(inputs_embeds).detach().float().cpu().numpy()
         with no_grad():
-            logits, loss = self.forward_tensors(_host_ints(idx), _host_ints(targets), _host_ints(segment_ids),
+            logits, loss = self.forward_tensors(host_ints(idx), host_ints(targets), host_ints(segment_ids),
                                                 reduction, kv_cache, inputs_embeds)
             return (torch.from_numpy(logits.numpy()),
                     None if loss is None else torch.from_numpy(loss.numpy()))
 
     __call__ = forward
+
+    def eval(self) -> OpenCLGPT:
+        """For code written for nn.Module (minimm.training.evaluate_loss): there is no dropout to turn off."""
+        return self
+
+    train = eval
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
@@ -227,7 +230,8 @@ def expected_parameter_names(config: GPTConfig) -> set[str]:
     return names
 
 
-def _host_ints(x) -> np.ndarray | None:
+def host_ints(x) -> np.ndarray | None:
+    """A torch tensor or array-like of token ids as a numpy array (None stays None)."""
     if x is None:
         return None
     if isinstance(x, torch.Tensor):

@@ -128,10 +128,6 @@ class Device:
     def fill(self, buf, value: float, nbytes: int) -> None:
         self.cl.enqueue_fill_buffer(self.queue, buf, np.float32(value), 0, max(int(nbytes), 4))
 
-    def copy(self, dst, src, nbytes: int) -> None:
-        if nbytes:
-            self.cl.enqueue_copy(self.queue, dst, src, byte_count=int(nbytes))
-
     def synchronize(self) -> None:
         self.queue.finish()
 

@@ -49,10 +49,6 @@ class Tensor:
         return f"Tensor(shape={self.shape}, dtype={self.dtype.name}, requires_grad={self.requires_grad})"
 
     @classmethod
-    def empty(cls, device: Device, shape: Sequence[int], dtype=np.float32) -> Tensor:
-        return cls(device, shape, dtype=dtype)
-
-    @classmethod
     def zeros(cls, device: Device, shape: Sequence[int]) -> Tensor:
         out = cls(device, shape)
         device.fill(out.buf, 0.0, out.nbytes)
@@ -69,16 +65,6 @@ class Tensor:
     def numpy(self) -> np.ndarray:
         """Copy to the host (waits for every queued kernel)."""
         return self.device.download(self.buf, self.shape, self.dtype)
-
-    def item(self) -> float:
-        return float(self.numpy().reshape(-1)[0])
-
-    def reshape(self, *shape: int) -> Tensor:
-        """The same buffer with another shape. Not recorded: use it on tensors that need no gradient."""
-        out = Tensor(self.device, shape, self.buf, self.dtype)
-        if out.size != self.size:
-            raise ValueError(f"cannot reshape {self.shape} to {shape}")
-        return out
 
     def backward(self, grad: Tensor | float = 1.0) -> None:
         """Back-propagate through the tape from this tensor, then clear the tape.

@@ -7,8 +7,10 @@ pieces, and nothing more. The loop (schedule, batches, evaluation, checkpoints) 
         for batch in micro_batches:                 # token-weighted accumulation, as minimm.training
             token_loss = trainer.backward(batch.x, batch.y, batch.segment_ids, loss_scale=1 / n_supervised)
         trainer.update(lr)                          # clip, AdamW, zero the gradients
-    checkpoint = {"model": trainer.state_dict(), "optimizer": trainer.optimizer_state_dict(), ...}
-Checkpoints keep PyTorch's format (GPT.load_state_dict and torch's AdamW read them).
+    trainer.copy_to(model)                          # then save model.state_dict() as always, with
+    checkpoint["optimizer"] = trainer.optimizer_state_dict()   # torch AdamW's format
+Checkpoints keep PyTorch's format (GPT.load_state_dict and torch's AdamW read them). Only the decoder
+trains here: images and audio in a batch need the PyTorch path.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 
 from minimm.gpt import GPT
-from minimm.opencl.model import OpenCLGPT, _host_ints
+from minimm.opencl.model import OpenCLGPT, host_ints
 from minimm.opencl.optim import AdamW
 from minimm.opencl.tensor import Tensor, clear_tape
 
@@ -39,11 +41,11 @@ class OpenCLTrainer:
         Back-propagates sum(per-token losses) * loss_scale; the default scale, 1 / (supervised targets),
         makes that the mean loss. Returns the per-token losses (B, T) as a CPU tensor (0 where ignored).
         """
-        targets = _host_ints(targets)
+        targets = host_ints(targets)
         if loss_scale is None:
             loss_scale = 1.0 / max(int((targets != -100).sum()), 1)
         try:
-            _, token_loss = self.model.forward_tensors(_host_ints(idx), targets, _host_ints(segment_ids),
+            _, token_loss = self.model.forward_tensors(host_ints(idx), targets, host_ints(segment_ids),
                                                        reduction="none")  # (B, T)
             seed = Tensor(token_loss.device, token_loss.shape)
             token_loss.device.fill(seed.buf, loss_scale, seed.nbytes)
@@ -67,12 +69,17 @@ class OpenCLTrainer:
         """One whole step on one batch; returns its mean loss."""
         token_loss = self.backward(idx, targets, segment_ids)
         self.update(lr)
-        valid = _host_ints(targets) != -100
+        valid = host_ints(targets) != -100
         return float(token_loss.numpy()[valid].sum() / max(int(valid.sum()), 1))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The model weights in GPT's state_dict format (train.py's checkpoint["model"])."""
         return self.model.state_dict()
+
+    def copy_to(self, model: torch.nn.Module) -> None:
+        """Write the trained weights into a PyTorch GPT, or a MultimodalGPT's decoder, so that train.py
+        saves and evaluates the model object it always has."""
+        getattr(model, "gpt", model).load_state_dict(self.state_dict())
 
     def optimizer_state_dict(self) -> dict:
         """torch.optim.AdamW's state_dict format (train.py's checkpoint["optimizer"])."""
