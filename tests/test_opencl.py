@@ -90,6 +90,18 @@ def test_missing_pyopencl_says_how_to_install(monkeypatch):
     assert not runtime.is_available()
 
 
+def test_no_platform_says_how_to_install(monkeypatch):
+    import pyopencl as cl
+    from minimm.opencl import runtime
+
+    def no_platforms():
+        raise cl.LogicError("clGetPlatformIDs failed: PLATFORM_NOT_FOUND_KHR")
+    monkeypatch.setattr(cl, "get_platforms", no_platforms)
+    monkeypatch.setattr(runtime, "_devices", {})
+    with pytest.raises(OpenCLUnavailable, match="pip install pyopencl pocl-binary-distribution"):
+        runtime.get_device("opencl")
+
+
 def test_program_cache_returns_the_same_kernel(dev):
     from minimm.opencl.kernels import elementwise
     assert dev.kernel(elementwise.SOURCE, "mul") is dev.kernel(elementwise.SOURCE, "mul")
@@ -140,6 +152,11 @@ def test_row_kernels_gpu_layout(dev):
     targets = torch.tensor([3, -100, 299, 0, 7])
     check(gpu, lambda x: Fcl.cross_entropy(x, targets.numpy()),
           lambda x: ops.cross_entropy(x, targets, backend="math"), x)
+    from minimm.opencl.kernels.adamw import PARTIALS, sum_squares
+    values = randn(1000, seed=6)
+    partial = gpu.alloc(PARTIALS * 4)
+    sum_squares(gpu, 1000, gpu.upload(values.numpy()), partial)
+    assert abs(gpu.download(partial, (PARTIALS,), np.float32).sum() - (values ** 2).sum().item()) < 1e-3
     q, k = randn(1, 2, 3, 8, seed=4), randn(1, 2, 200, 8, seed=5)
     expected = ops.attention(q, k[:, :, :150], k[:, :, :150], causal=True, backend="math")
     out = A.cached_attention(to_cl(gpu, q), to_cl(gpu, k), to_cl(gpu, k), key_count=150)
