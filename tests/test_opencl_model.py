@@ -215,7 +215,8 @@ def test_multimodal_model_generates_with_an_opencl_decoder():
     prompt = torch.tensor([[3, 95, 95, 95, 95, 7, 8]])  # an image's 4 placeholder tokens
     images = torch.randn(1, 3, 16, 16)
     expected = model.generate(prompt, 12, images=images, temperature=0)
-    ckpt = {"model": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}, "model_args": model.model_args()}
+    ckpt = {"model": {f"_orig_mod.{k}": v for k, v in model.state_dict().items()},
+            "model_args": model.model_args()}
     with torch.no_grad():
         x = torch.tensor([[1, 2, 3, 4, 5]])
         np.testing.assert_allclose(load_gpt(ckpt["model"], ckpt["model_args"])(x)[0].numpy(),

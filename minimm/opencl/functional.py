@@ -202,9 +202,8 @@ def embedding(idx, wte: Tensor, wpe: Tensor | None = None, offset: int = 0) -> T
             order = np.argsort(flat, kind="stable")  # positions grouped by token, in position order
             tokens, starts = np.unique(flat[order], return_index=True)
             starts = np.append(starts, flat.size)
-            emb_kernels.embedding_backward(
-                device, tokens.size, C, device.upload(order.astype(np.int32)), device.upload(starts.astype(np.int32)),
-                device.upload(tokens.astype(np.int32)), dy.buf, zero_grad_buffer(wte))
+            on_device = [device.upload(a.astype(np.int32)) for a in (order, starts, tokens)]
+            emb_kernels.embedding_backward(device, tokens.size, C, *on_device, dy.buf, zero_grad_buffer(wte))
         if wants_grad(wpe):
             if offset:
                 raise NotImplementedError("embedding backward with a position offset (only generation uses one)")

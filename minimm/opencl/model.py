@@ -212,7 +212,8 @@ def load_gpt(state_dict: Mapping[str, torch.Tensor], model_args: Mapping, device
     if missing or unexpected:
         raise KeyError(f"state_dict does not match the config: missing {sorted(missing)}, "
                        f"unexpected {sorted(unexpected)}")
-    params = {name: Tensor.from_numpy(dev, weights[name].detach().float().cpu().numpy()) for name in sorted(expected)}
+    params = {name: Tensor.from_numpy(dev, weights[name].detach().float().cpu().numpy())
+              for name in sorted(expected)}
     return OpenCLGPT(config, params, dev)
 
 

@@ -14,7 +14,6 @@ trains here: images and audio in a batch need the PyTorch path.
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from minimm.gpt import GPT

@@ -7,7 +7,8 @@ that 50 steps stay within float32 rounding of PyTorch:
     v  = v * beta2 + (1 - beta2) * g * g
     p  = p - (lr / (1 - beta1^t)) * m / (sqrt(v) / sqrt(1 - beta2^t) + eps)
 The per-step scalars (1 - lr * weight_decay, the bias corrections, the step size) are computed on the
-host in double precision, as PyTorch does, and passed in. g is the gradient times grad_scale (the clipping coefficient).
+host in double precision, as PyTorch does, and passed in. g is the gradient times grad_scale (the
+clipping coefficient).
 
 `sum_squares` writes one partial sum of g^2 per work-group; the host adds the few partials. Clipping
 needs the norm on the host anyway (to decide the coefficient), and a training step reads its loss.
