@@ -10,6 +10,7 @@ the loop: schedule, evaluation, token-weighted gradient accumulation, clipping, 
 """
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -59,8 +60,16 @@ log = tqdm.write if master else (lambda *a, **k: None)
 
 # ---- data: built here when missing or stale ------------------------------------------------------------
 data_dir = Path(cfg.data_dir) / cfg.dataset
-if cfg.train_files and cfg.init_from not in ("scratch", "resume") and not cfg.tokenizer_from:
-    cfg.tokenizer_from = cfg.init_from  # fine-tuning reads the data with the base model's own vocabulary
+if cfg.init_from not in ("scratch", "resume"):  # a fine-tune reads its data as the base model was built
+    base_config = load_checkpoint(Path(cfg.init_from) / "ckpt.pt")["config"]
+    for key in ("image_size", "patch_size", "pixel_shuffle", "resize"):
+        setattr(cfg, key, base_config[key])
+    if cfg.train_files and not cfg.tokenizer_from:
+        cfg.tokenizer_from = cfg.init_from  # with the base model's own vocabulary
+    if cfg.block_size > base_config["block_size"]:
+        sys.exit(f"block_size={cfg.block_size} exceeds the base model's {base_config['block_size']} ({cfg.init_from})")
+elif cfg.init_from == "resume" and (out_dir / "config.json").is_file() and not cfg.tokenizer_from:
+    cfg.tokenizer_from = json.loads((out_dir / "config.json").read_text())["tokenizer_from"]
 if cfg.train_files:
     from prepare.jsonl import build, settings_from_config
 elif cfg.dataset == "mixed":
@@ -105,13 +114,19 @@ elif cfg.init_from != "scratch":
 model = MultimodalGPT.from_args(model_args)
 if ckpt is not None and cfg.init_from != "resume":
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
+flops_per_token = model.gpt.flops_per_token()  # before QLoRA turns weights into buffers
 if cfg.lora_rank > 0:  # after the base weights are in (QLoRA quantizes them), before the optimizer
     apply_lora(model, cfg.lora_targets, r=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                quantize=cfg.lora_quantize)
-    if cfg.lora_trainable:
-        mark_trainable(model, cfg.lora_trainable)
 set_trainable(model, freeze_vision=cfg.freeze_vision, freeze_audio=cfg.freeze_audio, freeze_llm=cfg.freeze_llm,
               freeze_projector=cfg.freeze_projector)
+if cfg.lora_rank > 0 and cfg.lora_trainable:  # modules trained fully beside the adapters, if the model has them
+    names = [n for n, _ in model.named_parameters()]
+    present = [p for p in cfg.lora_trainable if any(re.search(p, n) for n in names)]
+    if present:
+        mark_trainable(model, present)
+    if len(present) < len(cfg.lora_trainable):
+        log(f"lora_trainable: nothing matches {sorted(set(cfg.lora_trainable) - set(present))} in this model")
 if cfg.init_from == "resume":
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
 model.to(cfg.device)
@@ -124,9 +139,9 @@ ckpt = None  # free it
 lr_decay_iters = cfg.lr_decay_iters or cfg.max_iters
 trainable, total = count_parameters(model)
 log(f"config:\n{describe(cfg)}")
-log(f"model: {total / 1e6:.2f}M parameters, {trainable / 1e6:.2f}M trainable "
+log(f"model: {total:,} parameters, {trainable:,} trainable "
     f"({', '.join(n for n in ('vision', 'audio') if getattr(model, n, None) is not None) or 'text only'}); "
-    f"decoder {model.gpt.flops_per_token() / 1e6:.1f} MFLOP per token; kernels: {backend}; device {cfg.device} {cfg.dtype}")
+    f"decoder {flops_per_token / 1e6:.1f} MFLOP per token; kernels: {backend}; device {cfg.device} {cfg.dtype}")
 if cfg.lora_quantize:
     report = memory_report(model)
     log(f"frozen base in {cfg.lora_quantize}: {report['quantized_bytes'] / 2**20:.2f} MiB vs "

@@ -39,6 +39,13 @@ class GPTConfig:
     pos_emb: str = "rope"  # "rope" or "learned"
     rope_base: float = 10000.0
 
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
+        if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"rotary positions turn channel pairs: the head size n_embd / n_head = "
+                             f"{self.n_embd // self.n_head} must be even")
+
 
 def rope_tables(T: int, hs: int, base: float, offset: int = 0,
                 device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a scri
 
 from minimm.config import TrainConfig, load_config  # noqa: E402
 from minimm.data import MediaSpec  # noqa: E402
-from minimm.pack import build_dataset, describe_meta  # noqa: E402
+from minimm.pack import build_dataset, describe_meta, settings_hash  # noqa: E402
 from minimm.formats import Example, read_examples, write_jsonl  # noqa: E402
 from minimm.tokenizer import Tokenizer  # noqa: E402
 from minimm.training import load_checkpoint  # noqa: E402
@@ -35,7 +35,8 @@ def settings_from_config(cfg: TrainConfig) -> dict:
     return {"builder": "jsonl-v1", "train_files": {f: file_digest(f) for f in cfg.train_files},
             "val_files": {f: file_digest(f) for f in cfg.val_files}, "val_fraction": cfg.val_fraction,
             "seed": cfg.data_seed, "vocab_size": cfg.vocab_size, "tasks": list(cfg.tasks),
-            "media_dir": cfg.media_dir, "tokenizer_from": cfg.tokenizer_from,
+            "media_dir": cfg.media_dir,
+            "tokenizer": settings_hash(reuse_tokenizer(cfg.tokenizer_from).state()) if cfg.tokenizer_from else None,
             "media": vars(MediaSpec.from_config(cfg))}
 
 
