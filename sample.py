@@ -6,6 +6,7 @@
     python sample.py --task image --image x.png [--prompt "How many shapes are there?"]
     python sample.py --task audio --audio clip.wav [--prompt "Which keys were pressed?"]
     python sample.py --out_dir=out/mixed --lora=out/lora/lora.pt --task text --prompt "..."
+    python sample.py --device=opencl --task code --prompt "..."   # decode on any OpenCL device
     python sample.py --task text                    # no prompt: free generation from the task token
     python sample.py --out_dir=out/mixed --num_samples=3 --temperature=0.9 --top_k=50
 
@@ -45,12 +46,19 @@ def main(argv: list[str]) -> None:
     cfg = load_config(argv, SampleConfig)
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    opencl = cfg.device.startswith("opencl")
+    device = "cpu" if opencl else cfg.device  # with OpenCL, PyTorch keeps the encoders on the CPU
     torch.manual_seed(cfg.seed)
     try:
-        model, tok, ckpt = load_model(cfg.out_dir, cfg.device, cfg.lora or None)
+        model, tok, ckpt = load_model(cfg.out_dir, device, cfg.lora or None)
+        if opencl:
+            from minimm.lora import merge_lora
+            from minimm.opencl import use_opencl_decoder
+            merge_lora(model)  # the decoder is copied with each adapter folded into its weight
+            use_opencl_decoder(model, cfg.device)
         tok.task_token(cfg.task)
         images, audio, turns = media_turns(cfg, model, ckpt)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
         sys.exit(str(e))
     temperature = cfg.temperature if cfg.temperature is not None else DEFAULT_TEMPERATURE.get(cfg.task, 0.8)
     for i in range(cfg.num_samples):
@@ -60,7 +68,7 @@ def main(argv: list[str]) -> None:
             ask(model, tok, cfg.task, turns, cfg.max_new_tokens, temperature, cfg.top_k, cfg.top_p,
                 on_text=lambda piece: print(piece, end="", flush=True), images=images, audio=audio)
         else:  # free generation: the model writes whole examples of the task, roles and all
-            idx = torch.tensor([[tok.task_token(cfg.task)]], device=cfg.device)
+            idx = torch.tensor([[tok.task_token(cfg.task)]], device=device)
             out = model.generate(idx, cfg.max_new_tokens, temperature, cfg.top_k, cfg.top_p, stop_tokens=(tok.eot,))
             print(tok.decode(out[0, 1:].tolist()).removesuffix("<|endoftext|>"), end="")
         print()

@@ -4,6 +4,7 @@
     python train.py config/mixed.py --device=cpu --batch_size=8 --max_iters=200
     python train.py config/mixed.py --init_from=resume    # continue out_dir/ckpt.pt exactly
     torchrun --nproc_per_node=4 train.py config/mixed.py  # DistributedDataParallel over 4 GPUs
+    python train.py config/mixed.py --device=opencl       # the text model on any OpenCL device
 
 Read it top to bottom: config, devices, data (built first when missing or stale), model, optimizer, then
 the loop: schedule, evaluation, token-weighted gradient accumulation, clipping, checkpoints.
@@ -31,8 +32,8 @@ from minimm.multimodal import MultimodalGPT, set_trainable
 from minimm.plot import plot_losses
 from minimm.quant import memory_report
 from minimm.tokenizer import Tokenizer
-from minimm.training import (backward_token_weighted, configure_optimizer, evaluate_loss, learning_rate_at,
-                             load_checkpoint, save_checkpoint, unwrap)
+from minimm.training import (backward_token_weighted, backward_token_weighted_opencl, configure_optimizer,
+                             evaluate_loss, learning_rate_at, load_checkpoint, save_checkpoint, unwrap)
 
 cfg = load_config(sys.argv[1:])
 
@@ -42,19 +43,23 @@ rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if d
 master = rank == 0
 if cfg.device == "auto":
     cfg.device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+opencl = cfg.device.startswith("opencl")  # minimm/opencl trains the decoder; PyTorch holds it on the CPU
 if ddp:
+    if opencl:
+        sys.exit("--device=opencl runs in one process; start it with python, not torchrun")
     torch.distributed.init_process_group(backend="nccl" if cfg.device.startswith("cuda") else "gloo")
     if cfg.device.startswith("cuda"):
         cfg.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(cfg.device)
-device_type = "cuda" if cfg.device.startswith("cuda") else cfg.device.split(":")[0]
+device = "cpu" if opencl else cfg.device  # where PyTorch's tensors live
+device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
 if cfg.dtype == "auto":
     cfg.dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device_type == "cuda" else "float32"
 ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
 autocast = nullcontext() if ptdtype == torch.float32 else torch.autocast(device_type, dtype=ptdtype)
 scaler = torch.amp.GradScaler(device_type, enabled=cfg.dtype == "float16")
 torch.manual_seed(cfg.seed + rank)
-backend = ops.set_backend(cfg.kernels, cfg.device)
+backend = "opencl" if opencl else ops.set_backend(cfg.kernels, device)
 out_dir = Path(cfg.out_dir)
 log = tqdm.write if master else (lambda *a, **k: None)
 
@@ -106,10 +111,10 @@ model_args = dict(gpt=gpt_args, vision=vision_args if train_split.images is not 
                   image_token_id=tok.special("<|image|>"), audio_token_id=tok.special("<|audio|>"))
 start_step, ckpt = 0, None
 if cfg.init_from == "resume":
-    ckpt = load_checkpoint(out_dir / "ckpt.pt", cfg.device)
+    ckpt = load_checkpoint(out_dir / "ckpt.pt", device)
     model_args, start_step = ckpt["model_args"], ckpt["step"]
 elif cfg.init_from != "scratch":
-    ckpt = load_checkpoint(Path(cfg.init_from) / "ckpt.pt", cfg.device)  # fine-tune: weights only
+    ckpt = load_checkpoint(Path(cfg.init_from) / "ckpt.pt", device)  # fine-tune: weights only
     model_args = {**ckpt["model_args"], "gpt": {**ckpt["model_args"]["gpt"], "dropout": cfg.dropout}}
 model = MultimodalGPT.from_args(model_args)
 if ckpt is not None and cfg.init_from != "resume":
@@ -129,12 +134,21 @@ if cfg.lora_rank > 0 and cfg.lora_trainable:  # modules trained fully beside the
         log(f"lora_trainable: nothing matches {sorted(set(cfg.lora_trainable) - set(present))} in this model")
 if cfg.init_from == "resume":
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
-model.to(cfg.device)
+model.to(device)
 optimizer = configure_optimizer(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
 if cfg.init_from == "resume":
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"]["torch"].cpu())
+opencl_trainer = None
+if opencl:
+    if model_args["vision"] or model_args["audio"] or cfg.lora_rank or cfg.dropout:
+        sys.exit("--device=opencl trains the text decoder (no images, audio, LoRA or dropout yet)")
+    from minimm.opencl import OpenCLGPT, OpenCLTrainer
+    opencl_trainer = OpenCLTrainer(OpenCLGPT.from_torch(model.gpt, cfg.device), cfg.learning_rate,
+                                   (cfg.beta1, cfg.beta2), cfg.weight_decay, cfg.grad_clip)
+    if cfg.init_from == "resume":
+        opencl_trainer.load_optimizer_state_dict(ckpt["optimizer"])
 ckpt = None  # free it
 lr_decay_iters = cfg.lr_decay_iters or cfg.max_iters
 trainable, total = count_parameters(model)
@@ -163,11 +177,19 @@ if cfg.wandb_log and master:
         log("wandb_log=True but wandb is not installed: pip install wandb (logging to log.jsonl only)")
 
 
+def sync_from_opencl() -> None:
+    """The OpenCL trainer holds the weights being trained; PyTorch's copy evaluates and saves them."""
+    if opencl_trainer:
+        opencl_trainer.copy_to(model)
+
+
 def checkpoint(step: int) -> None:
     if master:
+        sync_from_opencl()
         lora = {"lora": lora_state_dict(unwrap(model))} if cfg.lora_rank > 0 else {}
+        state = opencl_trainer.optimizer_state_dict() if opencl_trainer else optimizer.state_dict()
         save_checkpoint({"model": unwrap(model).state_dict(), "model_args": model_args,
-                         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                         "optimizer": state, "scaler": scaler.state_dict(), "step": step,
                          "rng": {"torch": torch.get_rng_state()}, "config": to_dict(cfg),
                          "tokenizer": tok.state(), **lora}, out_dir / "ckpt.pt")
         if lora:  # the adapters alone, to apply to the base model: sample.py --lora=out_dir/lora.pt
@@ -202,26 +224,33 @@ while step < cfg.max_iters and not stop_requested:
     for group in optimizer.param_groups:
         group["lr"] = lr
     if step % cfg.eval_interval == 0 and step > start_step and master:
-        val = evaluate_loss(unwrap(model), val_batches, cfg.eval_iters, tok.tasks, cfg.device, autocast)
+        sync_from_opencl()
+        val = evaluate_loss(unwrap(model), val_batches, cfg.eval_iters, tok.tasks, device, autocast)
         write_log({"step": step, "val": val, "lr": lr})
         checkpoint(step)
 
-    micro_batches = [train_batches.get(step * cfg.gradient_accumulation_steps + m).to(cfg.device)
+    micro_batches = [train_batches.get(step * cfg.gradient_accumulation_steps + m).to(device)
                      for m in range(cfg.gradient_accumulation_steps)]
-    task_loss, task_count = backward_token_weighted(model, micro_batches, len(tok.tasks), autocast, scaler,
-                                                    world_size, ddp)
+    if opencl_trainer:
+        task_loss, task_count = backward_token_weighted_opencl(opencl_trainer, micro_batches, len(tok.tasks))
+    else:
+        task_loss, task_count = backward_token_weighted(model, micro_batches, len(tok.tasks), autocast, scaler,
+                                                        world_size, ddp)
     step_loss = (task_loss.sum() / task_count.sum().clamp(min=1)).item()
     if not torch.isfinite(torch.tensor(step_loss)):
         bar.close()
         sys.exit(f"loss became {step_loss} at step {step}; stopped without saving, so {out_dir / 'ckpt.pt'} "
                  f"still holds the last good weights. Try a lower learning_rate, a longer warmup_iters, "
                  f"grad_clip=1.0, or dtype=float32/bfloat16 instead of float16; then --init_from=resume.")
-    if cfg.grad_clip > 0:
-        scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
+    if opencl_trainer:
+        opencl_trainer.update(lr)  # clipping, AdamW and zeroing, on the device
+    else:
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
     step += 1
     tokens_since += tokens_per_step
     if master and (step % cfg.log_interval == 0 or step == cfg.max_iters):
@@ -238,7 +267,7 @@ checkpoint(step)
 if stop_requested:
     log(f"interrupted at step {step}; saved {out_dir / 'ckpt.pt'} (continue with --init_from=resume)")
 elif master:
-    val = evaluate_loss(unwrap(model), val_batches, cfg.eval_iters, tok.tasks, cfg.device, autocast)
+    val = evaluate_loss(unwrap(model), val_batches, cfg.eval_iters, tok.tasks, device, autocast)
     write_log({"step": step, "val": val, "lr": lr})
     results = evaluate_tasks(unwrap(model), tok, data_dir, val, cfg, log=log)
     (out_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -52,6 +52,13 @@ def count_supervised(batches: list, world_size: int = 1) -> torch.Tensor:
     return count
 
 
+def _add_task_losses(task_loss: torch.Tensor, task_count: torch.Tensor, token_loss: torch.Tensor, b) -> None:
+    """Accumulate per-task sums of supervised token losses, token_loss: (B, T), for the log."""
+    valid = (b.y != -100).float()
+    task_loss.scatter_add_(0, b.task_ids.flatten(), (token_loss.float().detach() * valid).flatten())
+    task_count.scatter_add_(0, b.task_ids.flatten(), valid.flatten())
+
+
 def backward_token_weighted(model: nn.Module, micro_batches: list, n_tasks: int, autocast, scaler,
                             world_size: int = 1, ddp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward every micro-batch of one step, each loss = its sum of per-token losses over
@@ -71,12 +78,20 @@ def backward_token_weighted(model: nn.Module, micro_batches: list, n_tasks: int,
         # DDP averages gradients over ranks, so scale by world_size to keep sum / (global count)
         loss = token_loss.float().sum() * world_size / n_supervised
         scaler.scale(loss).backward()
-        valid = (b.y != -100).float()
-        task_loss.scatter_add_(0, b.task_ids.flatten(), (token_loss.float().detach() * valid).flatten())
-        task_count.scatter_add_(0, b.task_ids.flatten(), valid.flatten())
+        _add_task_losses(task_loss, task_count, token_loss, b)
     if world_size > 1:  # the logged loss is the global batch's, as in a single process
         torch.distributed.all_reduce(task_loss)
         torch.distributed.all_reduce(task_count)
+    return task_loss, task_count
+
+
+def backward_token_weighted_opencl(trainer, micro_batches: list, n_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same step on an OpenCL device (minimm.opencl.OpenCLTrainer): the same weighting, its own tape."""
+    n_supervised = float(count_supervised(micro_batches).clamp(min=1))
+    task_loss, task_count = torch.zeros(n_tasks), torch.zeros(n_tasks)
+    for b in micro_batches:
+        token_loss = trainer.backward(b.x, b.y, b.segment_ids, loss_scale=1.0 / n_supervised)  # (B, T)
+        _add_task_losses(task_loss, task_count, token_loss, b)
     return task_loss, task_count
 
 
