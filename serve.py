@@ -183,7 +183,8 @@ class Handler(BaseHTTPRequestHandler):
         except ApiError as e:
             self.send_json(e.status, {"error": e.message})
 
-    def read_json(self):
+    def read_json(self) -> object:
+        """The request's JSON body, refused before reading when it is too large."""
         # Requiring application/json also keeps plain cross-site form posts out: browsers send those
         # without asking, but must ask this server first (CORS preflight) before sending JSON, and it never agrees.
         if self.headers.get_content_type() != "application/json":
@@ -266,8 +267,13 @@ def main(argv: list[str]) -> None:
     except (FileNotFoundError, ValueError) as e:
         sys.exit(str(e))
     chat = Chat(model, tok, ckpt, cfg.max_new_tokens, cfg.max_queue, cfg.queue_timeout)
-    server = ChatServer((cfg.host, cfg.port), chat, WEB_DIR, Path(cfg.runs_dir), Path(cfg.out_dir),
-                        cfg.max_upload_bytes)
+    try:
+        server = ChatServer((cfg.host, cfg.port), chat, WEB_DIR, Path(cfg.runs_dir), Path(cfg.out_dir),
+                            cfg.max_upload_bytes)
+    except OSError as e:  # the port is taken, or the host is not an address of this machine
+        sys.exit(f"cannot listen on {cfg.host}:{cfg.port}: {e}")
+    if cfg.host not in ("127.0.0.1", "localhost"):
+        print(f"warning: listening on {cfg.host} without authentication: anyone who can reach it can use the model")
     print(f"serving {cfg.out_dir} (step {ckpt.get('step')}, tasks {', '.join(tok.tasks)}) on "
           f"http://{cfg.host}:{server.server_port}", flush=True)
     try:
