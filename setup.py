@@ -18,6 +18,7 @@ setup(
             "pyopencl",
             "pocl-binary-distribution",
             "librosa",  # test-only: the reference our mel filterbank must equal
+            "selenium",  # test-only: drives headless Chromium through the chat page
         ],
     },
 )
