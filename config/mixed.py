@@ -1,6 +1,6 @@
-# The bundled default: text, code and image-prompt tasks (plus images and audio as they land),
-# sized so that data preparation, training and the final evaluation finish in about 15 minutes on a
-# 2-core laptop CPU. On a GPU use config/mixed_gpu.py (same data, a model worth the hardware).
+# The bundled default: text, code, image and audio tasks in one model, sized so that building the data,
+# training and the final evaluation finish in about 15 minutes on a 2-core laptop CPU.
+# On a GPU use config/mixed_gpu.py (same data builder, a model worth the hardware).
 out_dir = "out/mixed"
 dataset = "mixed"
 vocab_size = 2048
@@ -10,11 +10,14 @@ n_head = 4
 n_embd = 192
 block_size = 256
 
+image_size = 48  # 6 x 6 patches of 8 pixels ...
+patch_size = 8
+pixel_shuffle = 2  # ... merged 2 x 2: 9 image tokens per picture
+
 batch_size = 16
-gradient_accumulation_steps = 1
-max_iters = 1500
+max_iters = 900
 learning_rate = 2e-3
 min_lr = 1e-4
-warmup_iters = 100
+warmup_iters = 50
 eval_interval = 250
 eval_iters = 8

@@ -78,7 +78,7 @@ def evaluate_tasks(model, tok: Tokenizer, data_dir: Path, val_losses: dict, cfg,
     results: dict = {}
     data_dir = Path(data_dir)
     meta = json.loads((data_dir / "meta.json").read_text())
-    media_dir = meta.get("media_dir")
+    media_dir = str(data_dir / meta["media_dir"]) if meta.get("media_dir") else None  # relative: to data_dir
     for task in tok.tasks:
         if task in val_losses:
             results[task] = {"val_loss": round(val_losses[task], 4)}

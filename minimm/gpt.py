@@ -234,30 +234,40 @@ class GPT(nn.Module):
         inputs_embeds: (B, T, C) replaces the prompt's embeddings (images and audio spliced in).
         When the context is full, generation stops.
         """
-        B = idx.shape[0]
-        cache = KVCache(self.config, B, idx.device, self.transformer.wte.weight.dtype) if use_cache else None
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        stop = torch.tensor(stop_tokens, dtype=torch.long, device=idx.device)
-        for step in range(max_new_tokens):
-            if idx.shape[1] >= self.config.block_size:
-                break
+        cache = KVCache(self.config, idx.shape[0], idx.device, self.transformer.wte.weight.dtype) if use_cache else None
+
+        def step_logits(idx: torch.Tensor, step: int) -> torch.Tensor:
             if cache is not None and step > 0:
-                logits, _ = self(idx[:, -1:], kv_cache=cache)  # (B, 1, V)
-            elif inputs_embeds is not None:
+                return self(idx[:, -1:], kv_cache=cache)[0]  # (B, 1, V): one new position
+            if inputs_embeds is not None:
                 embeds = inputs_embeds if step == 0 else torch.cat(
                     [inputs_embeds, self.transformer.wte(idx[:, inputs_embeds.shape[1]:])], dim=1)
-                logits, _ = self(inputs_embeds=embeds, kv_cache=cache)
-            else:
-                logits, _ = self(idx, kv_cache=cache)
-            next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p)  # (B,)
-            next_token = torch.where(done, idx[:, -1], next_token)
-            idx = torch.cat([idx, next_token[:, None]], dim=1)  # (B, T + 1)
-            if callback is not None:
-                callback(next_token)
-            done |= torch.isin(next_token, stop)
-            if bool(done.all()):
-                break
-        return idx
+                return self(inputs_embeds=embeds, kv_cache=cache)[0]
+            return self(idx, kv_cache=cache)[0]
+
+        return decode_loop(step_logits, idx, max_new_tokens, self.config.block_size, temperature, top_k, top_p,
+                           stop_tokens, callback)
+
+
+def decode_loop(step_logits: Callable[[torch.Tensor, int], torch.Tensor], idx: torch.Tensor, max_new_tokens: int,
+                block_size: int, temperature: float, top_k: int | None, top_p: float | None,
+                stop_tokens: tuple[int, ...], callback: Callable[[torch.Tensor], None] | None) -> torch.Tensor:
+    """The sampling loop every backend shares: step_logits(idx (B, T), step) -> logits (B, 1, V) of the
+    next position; pick, append, stream, stop. Returns (B, T + new)."""
+    done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    stop = torch.tensor(stop_tokens, dtype=torch.long, device=idx.device)
+    for step in range(max_new_tokens):
+        if idx.shape[1] >= block_size:
+            break
+        next_token = sample_next(step_logits(idx, step)[:, -1, :], temperature, top_k, top_p)  # (B,)
+        next_token = torch.where(done, idx[:, -1], next_token)
+        idx = torch.cat([idx, next_token[:, None]], dim=1)  # (B, T + 1)
+        if callback is not None:
+            callback(next_token)
+        done |= torch.isin(next_token, stop)
+        if bool(done.all()):
+            break
+    return idx
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None,

@@ -134,7 +134,7 @@ def build_dataset(splits: dict[str, Iterable[Example]], tok: Tokenizer, out_dir:
     """Pack every split, save the tokenizer beside the data, and write meta.json last (so a crash
     half-way leaves a dataset that reads as missing, never as valid). sources: split -> the files read,
     relative to out_dir or absolute; the final evaluation reads its held-out prompts from sources["val"]
-    (with media paths resolved against media_dir, as when they were read)."""
+    (with media paths resolved against media_dir, as when they were read; relative to out_dir or absolute)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "meta.json").unlink(missing_ok=True)

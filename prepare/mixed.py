@@ -169,7 +169,7 @@ def build(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
     modules = stdlib_modules()
     instructions, plain = text_rows(modules)
     code = code_rows(modules)
-    image_prompts = image_prompt_rows(rng, int(600 * cfg.data_scale))
+    image_prompts = image_prompt_rows(rng, max(60, int(600 * cfg.data_scale)))  # 30 are held out
     jsonl = out_dir / "jsonl"
     parts = {"text_instructions": (instructions, 20), "text_plain": (plain, 20), "code": (code, N_CODE_VAL),
              "image_prompts": (image_prompts, 30)}
@@ -198,7 +198,7 @@ def build(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
     log(f"training the tokenizer: vocab {cfg.vocab_size} on {len(corpus) / 1e6:.1f} MB")
     tok = Tokenizer.train(corpus, cfg.vocab_size, list(cfg.tasks))
     sources = {split: [str(p.relative_to(out_dir)) for p in ps] for split, ps in paths.items()}
-    meta = build_dataset(splits, tok, out_dir, settings, sources, MediaSpec.from_config(cfg), str(out_dir), log)
+    meta = build_dataset(splits, tok, out_dir, settings, sources, MediaSpec.from_config(cfg), ".", log)
     log(describe_meta(meta))
     log(f"built {out_dir} in {time.time() - t0:.0f} s")
     return meta

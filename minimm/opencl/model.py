@@ -8,7 +8,7 @@ What is notable here:
 - Generation keeps a KV cache on the device: each new token costs one position per layer; keys and
   values are written straight into the cache by the kernel that splits the heads, and attention over
   the cache is one fused kernel (launches, not arithmetic, are what a generation step spends).
-- Sampling (temperature, top-k, top-p) happens on the host with minimm.gpt.sample_next, on the (B, V)
+- Sampling (temperature, top-k, top-p) happens on the host with minimm.gpt.decode_loop, on the (B, V)
   logits of the last position, so both backends sample the same way.
 - Dropout is not implemented: forward() is the eval-mode function (the trainer refuses dropout > 0).
 
@@ -22,7 +22,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from minimm.gpt import GPTConfig, rope_tables, sample_next
+from minimm.gpt import GPTConfig, decode_loop, rope_tables
 from minimm.opencl import attention as A
 from minimm.opencl import functional as F
 from minimm.opencl.runtime import Device, get_device
@@ -133,26 +133,15 @@ class OpenCLGPT:
         if inputs_embeds is not None and not use_cache:
             raise ValueError("inputs_embeds needs use_cache=True on the OpenCL backend")
         idx = torch.as_tensor(idx, dtype=torch.long).cpu()
-        B = idx.shape[0]
-        cache = KVCache(self.config, B, self.device) if use_cache else None
-        done = torch.zeros(B, dtype=torch.bool)
-        stop = torch.tensor(stop_tokens, dtype=torch.long)
-        for step in range(max_new_tokens):
-            if idx.shape[1] >= self.config.block_size:
-                break
+        cache = KVCache(self.config, idx.shape[0], self.device) if use_cache else None
+
+        def step_logits(idx: torch.Tensor, step: int) -> torch.Tensor:
             if cache is not None and step > 0:
-                logits, _ = self.forward(idx[:, -1:], kv_cache=cache)  # (B, 1, V)
-            else:
-                logits, _ = self.forward(idx, kv_cache=cache, inputs_embeds=inputs_embeds)  # (B, 1, V)
-            next_token = sample_next(logits[:, -1, :], temperature, top_k, top_p)  # (B,)
-            next_token = torch.where(done, idx[:, -1], next_token)
-            idx = torch.cat([idx, next_token[:, None]], dim=1)  # (B, T + 1)
-            if callback is not None:
-                callback(next_token)
-            done |= torch.isin(next_token, stop)
-            if bool(done.all()):
-                break
-        return idx
+                return self.forward(idx[:, -1:], kv_cache=cache)[0]  # (B, 1, V)
+            return self.forward(idx, kv_cache=cache, inputs_embeds=inputs_embeds)[0]  # (B, 1, V)
+
+        return decode_loop(step_logits, idx, max_new_tokens, self.config.block_size, temperature, top_k, top_p,
+                           stop_tokens, callback)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The weights as CPU tensors under GPT's names (lm_head.weight included, tied to wte)."""
