@@ -11,7 +11,7 @@ train_files = ["data/chat.jsonl"]  # a placeholder: override with your JSONL (an
 lora_rank = 8
 lora_alpha = 16  # the update is scaled by alpha / rank = 2
 lora_dropout = 0.0
-lora_trainable = ["projector"]  # a text-only base has none: pass --lora_trainable=[]
+lora_trainable = ["projector"]  # a text-only base has none; train.py says so and goes on
 
 # adapters start at B = 0 and a few thousand numbers carry the whole update, so the rate is 5x full
 # fine-tuning's; weight decay would pull the update back towards zero, fighting the fit

@@ -3,21 +3,8 @@
 # in fp32 on the dequantized weights; lora.pt records nf4, so sample.py --lora quantizes the base the same.
 #   python train.py config/qlora.py --train_files="['my_chats.jsonl']"
 #   python sample.py --out_dir=out/mixed --lora=out/qlora/lora.pt --task text --prompt "..."
-init_from = "out/mixed"
+import os
+
+exec(open(os.path.join(os.path.dirname(__file__), "lora.py")).read())  # everything as in config/lora.py ...
 out_dir = "out/qlora"
-dataset = "sft"
-train_files = ["data/chat.jsonl"]  # a placeholder: override with your JSONL (any schema of minimm/formats.py)
-
-lora_rank = 8
-lora_alpha = 16
-lora_dropout = 0.0
-lora_trainable = ["projector"]  # a text-only base has none: pass --lora_trainable=[]
-lora_quantize = "nf4"
-
-max_iters = 300
-learning_rate = 1e-3
-min_lr = 1e-4
-warmup_iters = 20
-weight_decay = 0.0
-eval_interval = 100
-eval_iters = 8
+lora_quantize = "nf4"  # ... but the frozen base in 4-bit NormalFloat

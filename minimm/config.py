@@ -179,7 +179,7 @@ def load_config(argv: list[str], config_cls=TrainConfig):
             path = Path(arg)
             if not path.is_file():
                 raise ConfigError(f"config file not found: {arg}")
-            namespace: dict = {}
+            namespace: dict = {"__file__": str(path)}  # so a config can build on its neighbours
             exec(compile(path.read_text(), str(path), "exec"), namespace)
             settings = {k: v for k, v in namespace.items()
                         if not k.startswith("_") and not isinstance(v, types.ModuleType)}
