@@ -65,8 +65,10 @@ log = tqdm.write if master else (lambda *a, **k: None)
 
 # ---- data: built here when missing or stale ------------------------------------------------------------
 data_dir = Path(cfg.data_dir) / cfg.dataset
+base_ckpt = None
 if cfg.init_from not in ("scratch", "resume"):  # a fine-tune reads its data as the base model was built
-    base_config = load_checkpoint(Path(cfg.init_from) / "ckpt.pt")["config"]
+    base_ckpt = load_checkpoint(Path(cfg.init_from) / "ckpt.pt", device)
+    base_config = base_ckpt["config"]
     for key in ("image_size", "patch_size", "pixel_shuffle", "resize"):
         setattr(cfg, key, base_config[key])
     if cfg.train_files and not cfg.tokenizer_from:
@@ -113,8 +115,8 @@ start_step, ckpt = 0, None
 if cfg.init_from == "resume":
     ckpt = load_checkpoint(out_dir / "ckpt.pt", device)
     model_args, start_step = ckpt["model_args"], ckpt["step"]
-elif cfg.init_from != "scratch":
-    ckpt = load_checkpoint(Path(cfg.init_from) / "ckpt.pt", device)  # fine-tune: weights only
+elif base_ckpt is not None:
+    ckpt = base_ckpt  # fine-tune: weights only
     model_args = {**ckpt["model_args"], "gpt": {**ckpt["model_args"]["gpt"], "dropout": cfg.dropout}}
 model = MultimodalGPT.from_args(model_args)
 if ckpt is not None and cfg.init_from != "resume":
@@ -149,7 +151,7 @@ if opencl:
                                    (cfg.beta1, cfg.beta2), cfg.weight_decay, cfg.grad_clip)
     if cfg.init_from == "resume":
         opencl_trainer.load_optimizer_state_dict(ckpt["optimizer"])
-ckpt = None  # free it
+ckpt = base_ckpt = None  # free them
 lr_decay_iters = cfg.lr_decay_iters or cfg.max_iters
 trainable, total = count_parameters(model)
 log(f"config:\n{describe(cfg)}")
@@ -217,6 +219,7 @@ signal.signal(signal.SIGINT, request_stop)
 
 # ---- the loop ------------------------------------------------------------------------------------------
 step = start_step
+lr = learning_rate_at(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, lr_decay_iters)
 bar = tqdm(total=cfg.max_iters, initial=step, disable=not master, dynamic_ncols=True, desc="train")
 t_last, tokens_since = time.time(), 0
 while step < cfg.max_iters and not stop_requested:
