@@ -25,19 +25,16 @@ from minimm.tokenizer import Tokenizer
 from minimm.vit import load_image
 
 
-def validation_examples(data_dir: Path, tasks: list[str], task: str, limit: int, media: bool,
-                        media_dir: str | None = None) -> list[Example]:
-    """Up to `limit` validation examples of one task that end with an assistant answer, with media
-    (questions about images or audio) or without."""
-    meta = json.loads((data_dir / "meta.json").read_text())
-    found: list[Example] = []
+def validation_examples(data_dir: Path, meta: dict, tasks: list[str],
+                        media_dir: str | None) -> dict[tuple[str, bool], list[Example]]:
+    """The validation examples that end with an assistant answer, read once and grouped by (task, has
+    media): questions about images or audio are scored apart from text-only prompts of the same task."""
+    groups: dict[tuple[str, bool], list[Example]] = {}
     for source in meta["sources"]["val"]:
         for ex in read_examples(data_dir / source, media_dir, tasks=tasks, log=lambda *_: None):
-            if ex.task == task and ex.turns[-1][0] == "assistant" and bool(ex.images or ex.audio) == media:
-                found.append(ex)
-                if len(found) == limit:
-                    return found
-    return found
+            if ex.turns[-1][0] == "assistant":
+                groups.setdefault((ex.task, bool(ex.images or ex.audio)), []).append(ex)
+    return groups
 
 
 def code_metrics(model, tok: Tokenizer, examples: list[Example], max_new_tokens: int) -> dict:
@@ -79,15 +76,16 @@ def evaluate_tasks(model, tok: Tokenizer, data_dir: Path, val_losses: dict, cfg,
     data_dir = Path(data_dir)
     meta = json.loads((data_dir / "meta.json").read_text())
     media_dir = str(data_dir / meta["media_dir"]) if meta.get("media_dir") else None  # relative: to data_dir
+    held_out = validation_examples(data_dir, meta, tok.tasks, media_dir)
     for task in tok.tasks:
         if task in val_losses:
             results[task] = {"val_loss": round(val_losses[task], 4)}
         if task in METRICS:
-            examples = validation_examples(data_dir, tok.tasks, task, cfg.eval_samples, False, media_dir)
+            examples = held_out.get((task, False), [])[:cfg.eval_samples]
             if examples:
                 log(f"evaluating {task} on {len(examples)} held-out prompts")
                 results.setdefault(task, {}).update(METRICS[task](model, tok, examples, cfg.block_size // 2))
-        examples = validation_examples(data_dir, tok.tasks, task, cfg.eval_media_samples, True, media_dir)
+        examples = held_out.get((task, True), [])[:cfg.eval_media_samples]
         if examples and (hasattr(model, "vision") or hasattr(model, "audio")):
             log(f"evaluating {task} on {len(examples)} held-out questions about images or audio")
             results.setdefault(task, {}).update(exact_match_metrics(
