@@ -69,7 +69,7 @@ base_ckpt = None
 if cfg.init_from not in ("scratch", "resume"):  # a fine-tune reads its data as the base model was built
     base_ckpt = load_checkpoint(Path(cfg.init_from) / "ckpt.pt", device)
     base_config = base_ckpt["config"]
-    for key in ("image_size", "patch_size", "pixel_shuffle", "resize"):
+    for key in ("image_size", "patch_size", "pixel_shuffle", "resize", "audio_stack"):
         setattr(cfg, key, base_config[key])
     if cfg.train_files and not cfg.tokenizer_from:
         cfg.tokenizer_from = cfg.init_from  # with the base model's own vocabulary
@@ -110,6 +110,7 @@ vision_args = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, n_layer
 audio_args = dict(n_layer=cfg.audio_n_layer, n_head=cfg.audio_n_head, n_embd=cfg.audio_n_embd)
 model_args = dict(gpt=gpt_args, vision=vision_args if train_split.images is not None else None,
                   audio=audio_args if train_split.audio is not None else None, pixel_shuffle=cfg.pixel_shuffle,
+                  audio_stack=cfg.audio_stack,
                   image_token_id=tok.special("<|image|>"), audio_token_id=tok.special("<|audio|>"))
 start_step, ckpt = 0, None
 if cfg.init_from == "resume":

@@ -13,9 +13,13 @@ block_size = 256
 image_size = 48  # 6 x 6 patches of 8 pixels ...
 patch_size = 8
 pixel_shuffle = 2  # ... merged 2 x 2: 9 image tokens per picture
+audio_stack = 4  # 4 audio encoder frames (80 ms) per token: a 2 s clip is 25 tokens, not 100
+
+# text has no task metric: a quarter of its share goes to text, the rest to code, images and audio
+task_weights = {"text": 0.25}
 
 batch_size = 16
-max_iters = 900
+max_iters = 720
 learning_rate = 2e-3
 min_lr = 1e-4
 warmup_iters = 50

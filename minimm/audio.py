@@ -11,6 +11,9 @@ What this file teaches:
 - Padding is handled exactly: padded mel frames are zeroed before each convolution (so the convolution
   sees what it would see at the true end of the clip) and masked as attention keys, so the outputs of real
   frames do not depend on how much padding shares their batch.
+- Initialisation matters more than it looks: with PyTorch's default convolution init the clip's content
+  reaches the transformer ~25 times weaker than the positions added to it, and the model never learns to
+  listen (its audio loss stays at chance). He init keeps the content at unit scale (see AudioEncoder).
 
 Paper: Radford et al. 2022, "Robust Speech Recognition via Large-Scale Weak Supervision" (Whisper),
 https://arxiv.org/abs/2212.04356. Mel filters: Slaney, "Auditory Toolbox" (1998).
@@ -205,6 +208,20 @@ class AudioEncoder(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
         self.ln_post = nn.LayerNorm(config.n_embd)
+        # Initialisation decides whether the clip is heard at all. PyTorch's default for a convolution
+        # (std 1 / sqrt(3 fan_in)) shrinks the features about threefold per layer, so after two layers the
+        # content is ~25 times weaker than the unit-amplitude sinusoids added to it, and training settles on
+        # a clip-independent constant. He init (std sqrt(2 / fan_in), for the GELU that follows) keeps the
+        # features at unit scale; the transformer's Linears get the GPT's N(0, 0.02).
+        for conv in (self.conv1, self.conv2):
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+        for block in self.blocks:
+            for m in block.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.normal_(m.weight, std=0.02)
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
 
     @staticmethod
     def output_lengths(lengths: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from minimm.data import audio_tokens
 from minimm.lora import load_lora
 from minimm.multimodal import MultimodalGPT
 from minimm.render import render_prompt
@@ -73,7 +72,7 @@ def ask(model: MultimodalGPT, tok: Tokenizer, task: str, turns: list[tuple[str, 
     marker in the turns; audio: (frames, n_mels) log-mel features, one per <audio> marker.
     """
     device = next(model.parameters()).device
-    prompt = render_prompt(tok, task, turns, model.image_tokens, [audio_tokens(len(m)) for m in audio or []])
+    prompt = render_prompt(tok, task, turns, model.image_tokens, model.audio_tokens([len(m) for m in audio or []]))
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
     media = {}
     if images:

@@ -67,6 +67,7 @@ class TrainConfig:
     audio_n_layer: int = 3
     audio_n_head: int = 4
     audio_n_embd: int = 128
+    audio_stack: int = 1  # merge k neighbouring audio encoder frames into one token: k times fewer
     # what trains
     freeze_vision: bool = False
     freeze_audio: bool = False

@@ -34,17 +34,19 @@ class MediaSpec:
     resize: str = "pad"
     image_tokens: int = 0  # placeholders per image (the projector's output length)
     strict: bool = False  # stop at the first unreadable media file instead of skipping the example
+    audio_stack: int = 1  # audio encoder frames merged into one placeholder by the audio projector
 
     @classmethod
     def from_config(cls, cfg) -> "MediaSpec":
-        """From a TrainConfig: one placeholder per token the image projector produces."""
+        """From a TrainConfig: one placeholder per token the image and audio projectors produce."""
         tokens = (cfg.image_size // cfg.patch_size) ** 2 // cfg.pixel_shuffle ** 2
-        return cls(cfg.image_size, cfg.resize, tokens, cfg.strict)
+        return cls(cfg.image_size, cfg.resize, tokens, cfg.strict, cfg.audio_stack)
 
 
-def audio_tokens(frames: int) -> int:
-    """Placeholders for a clip of `frames` mel frames: the audio encoder halves time (a stride-2 conv)."""
-    return (frames + 1) // 2
+def audio_tokens(frames: int, stack: int = 1) -> int:
+    """Placeholders for a clip of `frames` mel frames: the audio encoder halves time (a stride-2 conv),
+    then the projector merges `stack` neighbouring encoder frames into one token (the last one padded)."""
+    return ((frames + 1) // 2 + stack - 1) // stack
 
 
 @dataclass
@@ -77,7 +79,7 @@ class Split:
 
     def __init__(self, data_dir: str | Path, split: str, block_size: int, task_weights: dict | None = None):
         """task_weights: {task: weight} scales how often each task's packed examples are drawn (default
-        1: in proportion to their count); the text stream keeps its share of the tokens."""
+        1: in proportion to their count), and the text stream's share of the rows by the weight of text."""
         data_dir = Path(data_dir)
         meta = json.loads((data_dir / "meta.json").read_text())
         self.ids = np.memmap(data_dir / f"{split}.bin", dtype=np.dtype(meta["dtype"]), mode="r")
@@ -107,8 +109,10 @@ class Split:
         self.cumulative = np.cumsum(weights) / weights.sum() if len(weights) else weights  # (N,)
         packed_tokens = int(self.packed[:, 1].sum())
         total = self.stream_end + packed_tokens
-        # a row is a text window with probability equal to the text stream's share of the tokens
-        self.p_window = self.stream_end / total if self.stream_end > block_size else 0.0
+        # a row is a text window with probability equal to the text stream's (weighted) share of the tokens
+        w_stream = (task_weights or {}).get("text", 1.0) * self.stream_end
+        w_packed = float((weights * self.packed[:, 1]).sum()) if len(weights) else 0.0
+        self.p_window = w_stream / (w_stream + w_packed) if self.stream_end > block_size and w_stream else 0.0
         if total == 0:
             raise ValueError(f"{data_dir}/{split}.bin holds no tokens")
 

@@ -84,7 +84,9 @@ def evaluate_tasks(model, tok: Tokenizer, data_dir: Path, val_losses: dict, cfg,
             examples = held_out.get((task, False), [])[:cfg.eval_samples]
             if examples:
                 log(f"evaluating {task} on {len(examples)} held-out prompts")
-                results.setdefault(task, {}).update(METRICS[task](model, tok, examples, cfg.block_size // 2))
+                # as many new tokens as the context holds (generation stops at block_size): an answer is
+                # cut short only when it would not have fit in a training row either
+                results.setdefault(task, {}).update(METRICS[task](model, tok, examples, cfg.block_size))
         examples = held_out.get((task, True), [])[:cfg.eval_media_samples]
         if examples and (hasattr(model, "vision") or hasattr(model, "audio")):
             log(f"evaluating {task} on {len(examples)} held-out questions about images or audio")

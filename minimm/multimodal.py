@@ -51,6 +51,19 @@ def pixel_shuffle(x: torch.Tensor, s: int, grid: tuple[int, int] | None = None) 
     return x.reshape(N, (gh // s) * (gw // s), s * s * Ce)  # (N, P/s^2, s^2 Ce)
 
 
+def stack_frames(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Merge each run of k consecutive frames into one token, the 1-D pixel shuffle that audio LLMs use
+    (Ultravox, Qwen2-Audio pool time the same way): (N, Ta, Ce) -> (N, ceil(Ta / k), k * Ce), the tail
+    zero-padded. A token then holds k * 20 ms of sound in its channels, and the language model reads k
+    times fewer audio positions, so a clip costs it k times less and its attention has fewer places to
+    search when it looks for the next key or note."""
+    N, Ta, Ce = x.shape
+    pad = (-Ta) % k
+    if pad:
+        x = torch.cat([x, x.new_zeros(N, pad, Ce)], dim=1)  # (N, Ta + pad, Ce)
+    return x.reshape(N, (Ta + pad) // k, k * Ce)  # (N, ceil(Ta / k), k Ce)
+
+
 class Projector(nn.Module):
     """Encoder states -> GPT embeddings: Linear, GELU, Linear, after an optional pixel shuffle.
 
@@ -61,14 +74,15 @@ class Projector(nn.Module):
     times fewer image tokens, so its sequences are shorter and its attention cheaper. Neighbours are
     merged because they are the patches most likely to belong to one object.
     in_dim: the encoder's channels Ce (before the shuffle); out_dim: the GPT's n_embd C.
+    frame_stack: for audio, the same idea along time (stack_frames): (N, Ta, Ce) -> (N, Ta / k, k Ce).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, pixel_shuffle: int = 1):
+    def __init__(self, in_dim: int, out_dim: int, pixel_shuffle: int = 1, frame_stack: int = 1):
         super().__init__()
-        if pixel_shuffle < 1:
-            raise ValueError(f"pixel_shuffle={pixel_shuffle}: must be at least 1")
-        self.pixel_shuffle = pixel_shuffle
-        merged = in_dim * pixel_shuffle ** 2
+        if pixel_shuffle < 1 or frame_stack < 1:
+            raise ValueError(f"pixel_shuffle={pixel_shuffle}, frame_stack={frame_stack}: must be at least 1")
+        self.pixel_shuffle, self.frame_stack = pixel_shuffle, frame_stack
+        merged = in_dim * pixel_shuffle ** 2 * frame_stack
         self.mlp = nn.Sequential(nn.Linear(merged, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
         # the GPT's init, N(0, 0.02): projected media then start at the scale of the token embeddings
         for m in self.mlp:
@@ -77,10 +91,13 @@ class Projector(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
-        """x: (N, P, Ce) -> (N, P / s^2, C). grid: (gh, gw) when the patches are not a square grid."""
+        """x: (N, P, Ce) -> (N, P / s^2, C), or (N, Ta, Ce) -> (N, Ta / k, C) with frame_stack k.
+        grid: (gh, gw) when the patches are not a square grid."""
         if self.pixel_shuffle > 1:
             x = pixel_shuffle(x, self.pixel_shuffle, grid)  # (N, P/s^2, s^2 Ce)
-        return self.mlp(x)  # (N, P/s^2, C)
+        if self.frame_stack > 1:
+            x = stack_frames(x, self.frame_stack)  # (N, Ta/k, k Ce)
+        return self.mlp(x)  # (N, M, C)
 
 
 def _full_config(cls: type, values: dict, section: str) -> dict:
@@ -99,6 +116,7 @@ class MultimodalConfig:
     vision: dict | None = None  # ViTConfig fields; None: no image input
     audio: dict | None = None  # AudioEncoderConfig fields; None: no audio input
     pixel_shuffle: int = 1  # image tokens per image = ViT patches / pixel_shuffle^2
+    audio_stack: int = 1  # audio tokens per clip = audio encoder frames / audio_stack, rounded up
     image_token_id: int  # the tokenizer's <|image|>
     audio_token_id: int  # the tokenizer's <|audio|>
 
@@ -110,6 +128,8 @@ class MultimodalConfig:
             if self.pixel_shuffle < 1 or grid % self.pixel_shuffle:
                 raise ValueError(f"pixel_shuffle={self.pixel_shuffle} must be at least 1 and divide the "
                                  f"ViT's {grid}x{grid} patch grid")
+        if self.audio_stack < 1:
+            raise ValueError(f"audio_stack={self.audio_stack} must be at least 1")
         if self.audio is not None:
             self.audio = _full_config(AudioEncoderConfig, self.audio, "audio")
         vocab_size = self.gpt["vocab_size"]
@@ -134,7 +154,7 @@ class MultimodalGPT(nn.Module):
             self.image_projector = Projector(self.vision.config.n_embd, n_embd, config.pixel_shuffle)
         if config.audio is not None:
             self.audio = AudioEncoder(AudioEncoderConfig(**config.audio))
-            self.audio_projector = Projector(self.audio.config.n_embd, n_embd)
+            self.audio_projector = Projector(self.audio.config.n_embd, n_embd, frame_stack=config.audio_stack)
 
     @classmethod
     def from_args(cls, args: dict) -> MultimodalGPT:
@@ -152,10 +172,12 @@ class MultimodalGPT(nn.Module):
         return self.vision.config.n_patches // self.config.pixel_shuffle ** 2
 
     def audio_tokens(self, mel_lengths: list[int] | torch.Tensor) -> list[int]:
-        """Placeholders for each clip: its mel frame count after the encoder's stride-2 convolution."""
-        if not hasattr(self, "audio"):
+        """Placeholders for each clip: its mel frame count after the encoder's stride-2 convolution, then
+        divided by the projector's audio_stack (rounded up)."""
+        if len(mel_lengths) and not hasattr(self, "audio"):
             raise ValueError("this model has no audio encoder")
-        return AudioEncoder.output_lengths(torch.as_tensor(mel_lengths)).tolist()
+        k = self.config.audio_stack
+        return ((AudioEncoder.output_lengths(torch.as_tensor(mel_lengths, dtype=torch.long)) + k - 1) // k).tolist()
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters of the GPT (as GPT.num_params counts them) plus those of the encoders and projectors."""
@@ -195,10 +217,10 @@ class MultimodalGPT(nn.Module):
                              f"{' + '.join(map(str, clip_tokens)) or '0'} = {sum(clip_tokens)} tokens")
         if not n_clips:
             return x
-        media = self.audio_projector(self.audio(audio, audio_lengths))  # (N, Ta, Ce) -> (N, Ta, C)
-        out_lengths = AudioEncoder.output_lengths(audio_lengths.to(x.device))  # (N,)
-        real = torch.arange(media.shape[1], device=x.device)[None, :] < out_lengths[:, None]  # (N, Ta)
-        return x.index_put((slots,), media[real].to(x.dtype))  # (sum of Ta per clip, C) into (B, T, C)
+        media = self.audio_projector(self.audio(audio, audio_lengths))  # (N, Ta, Ce) -> (N, M, C)
+        out_lengths = torch.tensor(clip_tokens, device=x.device)  # (N,) real tokens of each clip
+        real = torch.arange(media.shape[1], device=x.device)[None, :] < out_lengths[:, None]  # (N, M)
+        return x.index_put((slots,), media[real].to(x.dtype))  # (sum of M per clip, C) into (B, T, C)
 
     def embed(self, idx: torch.Tensor, images: torch.Tensor | None = None,
               audio: torch.Tensor | None = None, audio_lengths: torch.Tensor | None = None) -> torch.Tensor:

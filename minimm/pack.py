@@ -86,7 +86,7 @@ def pack_split(examples: Iterable[Example], tok: Tokenizer, out_dir: Path, split
             if skipped <= N_REPORTED:
                 log(f"skipped {ex.source}: {e}")
             continue
-        r = render(ex, tok, media.image_tokens, [audio_tokens(len(m)) for m in ex_mels])
+        r = render(ex, tok, media.image_tokens, [audio_tokens(len(m), media.audio_stack) for m in ex_mels])
         task_id = tok.tasks.index(ex.task)
         is_text = len(ex.turns) == 1 and ex.turns[0][0] == "text" and not ex.images and not ex.audio
         (stream if is_text else packed).append((r, task_id, len(images), len(mels)))

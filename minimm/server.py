@@ -36,7 +36,6 @@ from PIL import Image
 
 from minimm.audio import HOP_LENGTH, SAMPLE_RATE, load_audio_features
 from minimm.chat import DEFAULT_TEMPERATURE, ask
-from minimm.data import audio_tokens
 from minimm.formats import AUDIO_MARKER, IMAGE_MARKER
 from minimm.render import render_prompt
 from minimm.vit import image_to_uint8
@@ -195,7 +194,7 @@ class Chat:
         return Prompt(task, turns[start:], images, audio, temperature, max_new, start, n)
 
     def _render(self, task: str, turns: list, media: list) -> list[int]:
-        audio = [audio_tokens(len(clip)) for _, clips in media for clip in clips]
+        audio = self.model.audio_tokens([len(clip) for _, clips in media for clip in clips])
         return render_prompt(self.tok, task, turns, self.model.image_tokens, audio)
 
     @contextmanager

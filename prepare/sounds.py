@@ -14,7 +14,8 @@ What this file teaches:
   tests/test_sounds.py checks this numerically. Harmonics, when present, are weaker than the fundamental.
 
 Clip length: at most MAX_SECONDS = 2 s, i.e. 32000 samples -> 1 + 32000 // 160 = 201 mel frames -> 101
-encoder frames after the stride-2 convolution, so an audio example costs at most ~100 positions.
+encoder frames after the stride-2 convolution; config/mixed.py's audio_stack = 4 merges those into 26
+tokens, so an audio example costs the language model at most ~26 positions.
 
 Rows follow minimm/formats.py's "conversations" schema; "audio" is relative to out_dir, where the caller
 writes the JSONL file (formats.py resolves media paths against the JSONL file's folder).

@@ -113,3 +113,11 @@ def test_task_weights_change_how_often_a_task_is_drawn(tmp_path, tok):
         tasks = np.concatenate([split.row(np.random.default_rng(i))[2] for i in range(200)])
         counts[bool(weights)] = (tasks == tok.tasks.index("code")).mean()
     assert counts[True] > counts[False] + 0.15
+
+
+def test_the_text_weight_scales_the_share_of_text_stream_rows(tmp_path, tok):
+    make_dataset(tmp_path, tok, {"v": 1})
+    p = {w: Split(tmp_path, "train", block_size=16, task_weights={"text": w}).p_window for w in (0.0, 1.0, 4.0)}
+    split = Split(tmp_path, "train", block_size=16)
+    assert split.p_window > 0 and p[1.0] == pytest.approx(split.p_window)  # weight 1: the token share
+    assert p[0.0] == 0.0 < p[1.0] < p[4.0] < 1.0

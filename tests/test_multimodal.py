@@ -6,7 +6,9 @@ import torch
 
 from minimm.audio import AudioEncoder
 from minimm.lora import DEFAULT_TARGETS, LoRALinear, apply_lora, lora_state_dict
-from minimm.multimodal import MultimodalConfig, MultimodalGPT, Projector, pixel_shuffle, set_trainable
+from minimm.data import audio_tokens
+from minimm.multimodal import (MultimodalConfig, MultimodalGPT, Projector, pixel_shuffle, set_trainable,
+                                stack_frames)
 
 IMAGE, AUDIO = 50, 51  # placeholder ids inside the tiny vocabulary
 ARGS = dict(
@@ -112,6 +114,34 @@ def test_audio_clips_of_different_lengths_splice_their_own_frames():
         torch.testing.assert_close(x[row, start:start + out[i]], alone, rtol=1e-5, atol=1e-6)
     spliced = model.embed(idx[:1, :30], audio=mels[:2, :, :17], audio_lengths=lengths[:2])
     torch.testing.assert_close(spliced[0, 3:12], x[0, 3:12], rtol=1e-5, atol=1e-6)  # less padding, same
+
+
+def test_stack_frames_merges_neighbours_in_time_and_pads_the_tail():
+    x = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)  # (N, Ta, Ce)
+    y = stack_frames(x, 2)  # (2, 3, 6): frames (0, 1), (2, 3), (4, zeros)
+    assert y.shape == (2, 3, 6)
+    torch.testing.assert_close(y[1, 0], torch.cat([x[1, 0], x[1, 1]]))
+    torch.testing.assert_close(y[0, 2], torch.cat([x[0, 4], torch.zeros(3)]))
+    assert stack_frames(x, 1).equal(x)
+
+
+def test_audio_stack_splices_each_clip_at_its_fewer_placeholders():
+    model = make_model(audio_stack=3)
+    lengths = torch.tensor([17, 10, 23])  # encoder frames 9, 5, 12 -> tokens 3, 2, 4
+    out = model.audio_tokens(lengths)
+    assert out == [3, 2, 4] == [audio_tokens(n, 3) for n in lengths.tolist()]  # the data side agrees
+    mels = torch.randn(3, 10, 23)
+    mels[1, :, 10:] = 5.0  # padding that must not reach the language model
+    idx = text(40, 0)[None].repeat(2, 1)
+    idx[0, 3:6], idx[0, 20:22], idx[1, 7:11] = AUDIO, AUDIO, AUDIO
+    x = model.embed(idx, audio=mels, audio_lengths=lengths)
+    for (row, start), i in zip([(0, 3), (0, 20), (1, 7)], range(3)):
+        n = lengths[i].item()
+        alone = model.audio_projector(model.audio(mels[i:i + 1, :, :n]))[0]  # (tokens, C)
+        assert alone.shape[0] == out[i]
+        torch.testing.assert_close(x[row, start:start + out[i]], alone, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="audio_stack"):
+        make_model(audio_stack=0)
 
 
 def test_count_mismatch_raises_a_clear_error():
