@@ -10,6 +10,8 @@ What this file teaches:
   Conv2d weight, so `conv.weight.reshape(n_embd, -1)` is our Linear weight (the tests check it).
 - Position is learned per grid cell as a (gh, gw, C) grid. Kept as a grid, it can be resized bilinearly
   for an image of another size, so a model trained at 48x48 still runs on 64x64 (the paper, section 3.2).
+  It starts as 2-D sine-cosines (`sincos_2d`) at the scale of the patch content, not as noise: trained
+  from scratch on a few thousand pictures, the encoder can tell where a patch is from the first step.
 - The blocks are the GPT's pre-norm blocks with one difference: attention is not causal, every patch sees
   every other patch, because an image has no reading order.
 - No CLS token. A classifier needs one vector per image, so the paper pools into an extra token; here the
@@ -47,6 +49,7 @@ PAD_FILL = (128, 128, 128)  # normalises to ~0: padding adds no signal the model
 WHITE = (255, 255, 255)  # what transparent pixels become: documents and icons are drawn on white paper
 PIXEL_MEAN = 127.5  # mean 0.5 and std 0.5 of a pixel in [0, 1], in 8-bit units
 PIXEL_STD = 127.5
+POS_INIT_STD = 0.2  # the initial positions' std: about that of the patches' content under LeCun's init
 
 
 @dataclass
@@ -97,6 +100,23 @@ def interpolate_pos_emb(grid: torch.Tensor, gh: int, gw: int) -> torch.Tensor:
         x = F.interpolate(x, size=(gh, gw), mode="bilinear", align_corners=False)  # (1, C, gh, gw)
         grid = x[0].permute(1, 2, 0)  # (gh, gw, C)
     return grid.reshape(gh * gw, grid.shape[-1])  # (P, C)
+
+
+def _sincos_1d(n: int, dim: int) -> torch.Tensor:
+    """(n, dim): sin and cos of the index 0..n-1 at ceil(dim / 2) frequencies from 1 down to 1/100."""
+    k = (dim + 1) // 2
+    angles = torch.arange(n, dtype=torch.float32)[:, None] * 100.0 ** (-torch.arange(k) / max(1, k - 1))  # (n, k)
+    return torch.cat([angles.sin(), angles.cos()], dim=1)[:, :dim]  # (n, dim)
+
+
+def sincos_2d(gh: int, gw: int, C: int) -> torch.Tensor:
+    """(gh, gw, C) 2-D sine-cosine positions: the first C // 2 channels encode the row, the rest the column.
+    Neighbouring cells get similar vectors and far ones different ones, so position is legible from the
+    first step; here the table is only the *initial* value of the learned embedding (MAE, He et al. 2021,
+    https://arxiv.org/abs/2111.06377, keeps it fixed)."""
+    rows = _sincos_1d(gh, C // 2)[:, None, :].expand(gh, gw, C // 2)  # (gh, gw, C/2)
+    cols = _sincos_1d(gw, C - C // 2)[None, :, :].expand(gh, gw, C - C // 2)  # (gh, gw, C - C/2)
+    return torch.cat([rows, cols], dim=-1)  # (gh, gw, C)
 
 
 class SelfAttention(nn.Module):
@@ -157,7 +177,15 @@ class ViT(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd)
         self.apply(self._init_weights)
-        nn.init.normal_(self.pos_emb, std=0.02)
+        # Trained from scratch on a few thousand pictures (the paper pre-trains on ImageNet-21k or JFT), a ViT
+        # whose positions start as N(0, 0.02) noise beside larger patch content learns where things are only
+        # slowly. So both terms of the sum start at one readable scale: the patch Linear gets LeCun's init
+        # (its output std is about the pixels' std, ~0.2 on the bundled scenes), and the positions start as
+        # 2-D sine-cosines scaled to POS_INIT_STD. Both are learned from there.
+        nn.init.normal_(self.patch_embed.weight, std=1 / math.sqrt(self.patch_embed.in_features))
+        with torch.no_grad():
+            table = sincos_2d(grid, grid, config.n_embd)  # (gh, gw, C)
+            self.pos_emb.copy_(table * (POS_INIT_STD / table.std()))
         # GPT-2's init: the writes into the residual stream shrink with depth, so the sum keeps its scale
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):

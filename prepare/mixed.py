@@ -12,7 +12,8 @@ Everything comes from what every Python installation has, plus synthetic data dr
 - image prompts: "Generate an image of ..." -> a detailed text-to-image prompt composed from subject,
   style, lighting and setting vocabularies;
 - images (prepare/shapes.py): scenes of coloured shapes and rendered words, with questions whose answers
-  are exact strings ("How many shapes are there?" -> "2", "What does the text say?" -> "owl");
+  are exact strings ("How many shapes are there?" -> "2", "What does the text say?" -> "owl"); a
+  training scene is one conversation that asks all its well-posed questions, a validation one asks one;
 - audio (prepare/sounds.py): telephone keypad tones and note sequences ("Which keys were pressed?" ->
   "4 1 7 #", "Name the notes." -> "C5 E5 G5").
 Validation images and clips are drawn from their own seeds, so none is seen in training.
@@ -48,7 +49,7 @@ SKIP_DIRS = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip", "
 
 def settings_from_config(cfg: TrainConfig) -> dict:
     """Everything that changes the bytes of data/mixed; a change makes the dataset stale."""
-    return {"builder": "mixed-v3", "seed": cfg.data_seed, "vocab_size": cfg.vocab_size,
+    return {"builder": "mixed-v4", "seed": cfg.data_seed, "vocab_size": cfg.vocab_size,
             "tasks": list(cfg.tasks), "scale": cfg.data_scale, "python": sys.version.split()[0],
             "n_images": cfg.n_images if "image" in cfg.tasks else 0,
             "n_audio": cfg.n_audio if "audio" in cfg.tasks else 0, "media": vars(MediaSpec.from_config(cfg))}
@@ -180,7 +181,8 @@ def build(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
     for split in ("train", "val"):  # media rows come with their own seeds per split
         if "image" in cfg.tasks and cfg.n_images:
             rows = make_image_examples(out_dir / "images" / split, n_media[split](cfg.n_images),
-                                       split_seed(cfg.data_seed, split), cfg.image_size, relative_to=out_dir)
+                                       split_seed(cfg.data_seed, split), cfg.image_size, relative_to=out_dir,
+                                       all_questions=split == "train")
             write_jsonl(jsonl / f"{split}_images.jsonl", rows)
             paths[split].append(jsonl / f"{split}_images.jsonl")
         if "audio" in cfg.tasks and cfg.n_audio:

@@ -13,6 +13,10 @@ What this file teaches:
 - Anti-aliasing by supersampling: everything is drawn at SUPERSAMPLE times the size, then averaged down
   with a box filter, so an 8-pixel shape still has the right silhouette and a pure colour at its centre.
 
+- Several answers per picture: with all_questions (the training split of prepare/mixed.py) a scene's
+  conversation asks every well-posed question about it, so one pass of the image encoder and one set of
+  image placeholders pay for up to four supervised answers (about 17 tokens per answer instead of 27).
+
 Questions (the "kind" of each row, so the evaluation can report accuracy per question type):
   describe  "Describe the image."         -> "a red circle left of a blue square" (shapes left to right)
   count     "How many shapes are there?"  -> "2"
@@ -124,13 +128,31 @@ def make_example(seed: int, index: int, image_size: int = IMAGE_SIZE) -> ImageEx
             return ImageExample(image, kind, question, answer, shapes)
 
 
+def scene_questions(rng: np.random.Generator, example: ImageExample) -> list[tuple[str, str]]:
+    """Every well-posed question about a scene as (question, answer), the example's own first, the rest
+    (one of each other kind that has a unique answer) in random order. A text image has only its own."""
+    asked = [(example.question, example.answer)]
+    if example.kind == "read":
+        return asked
+    others = [k for k in KINDS if k not in ("read", example.kind)]
+    for kind in (others[i] for i in rng.permutation(len(others))):
+        question, answer = _ask(rng, kind, example.shapes)
+        if answer is not None:
+            asked.append((question, answer))
+    return asked
+
+
 def make_image_examples(out_dir: str | Path, n: int, seed: int, image_size: int = IMAGE_SIZE,
-                        relative_to: str | Path | None = None) -> list[dict]:
+                        relative_to: str | Path | None = None, all_questions: bool = False) -> list[dict]:
     """Write n PNGs under out_dir and return one JSONL row per image.
 
     Rows are in the conversation schema, or for a TEXT_SCHEMA_FRACTION of them the {"text", "image",
-    "response"} schema; both carry "kind". "image" paths are relative to `relative_to` (default out_dir),
-    which should be the directory of the JSONL file the rows go into.
+    "response"} schema; both carry "kind" (of the first question). "image" paths are relative to
+    `relative_to` (default out_dir), which should be the directory of the JSONL file the rows go into.
+    all_questions: a scene's conversation goes on to ask every other well-posed question about it
+    (scene_questions), up to 4 answers for one encoded picture -- the training split uses it, because the
+    picture's placeholders and its encoder pass are then shared by four answers instead of paid per answer;
+    the validation split keeps one question per picture, so each is scored alone.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -141,13 +163,17 @@ def make_image_examples(out_dir: str | Path, n: int, seed: int, image_size: int 
         path = out_dir / f"{i:06d}.png"
         example.image.save(path, format="PNG")
         image = path.resolve().relative_to(relative_to.resolve()).as_posix()
-        if np.random.default_rng([seed, i, 1]).random() < TEXT_SCHEMA_FRACTION:
+        rng = np.random.default_rng([seed, i, 1])
+        if rng.random() < TEXT_SCHEMA_FRACTION:
             rows.append({"task": "image", "text": example.question, "image": image,
                          "response": example.answer, "kind": example.kind})
-        else:
-            rows.append({"task": "image", "conversations": [
-                {"role": "user", "content": "<image>\n" + example.question},
-                {"role": "assistant", "content": example.answer}], "image": image, "kind": example.kind})
+            continue
+        asked = scene_questions(rng, example) if all_questions else [(example.question, example.answer)]
+        turns = []
+        for j, (question, answer) in enumerate(asked):
+            turns += [{"role": "user", "content": ("<image>\n" if j == 0 else "") + question},
+                      {"role": "assistant", "content": answer}]
+        rows.append({"task": "image", "conversations": turns, "image": image, "kind": example.kind})
     return rows
 
 

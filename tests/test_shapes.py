@@ -142,3 +142,45 @@ def test_other_image_sizes(image_size):
     for i in range(10):
         example = make_example(2, i, image_size)
         assert example.image.size == (image_size, image_size) and example.image.mode == "RGB"
+
+
+def test_all_questions_asks_every_well_posed_question_once(tmp_path):
+    single = make_image_examples(tmp_path / "one", 60, seed=11, image_size=SIZE)
+    multi = make_image_examples(tmp_path / "all", 60, seed=11, image_size=SIZE, all_questions=True)
+    assert _digests(tmp_path / "one", single) == _digests(tmp_path / "all", multi)  # the same pictures
+    lengths = set()
+    for one, row in zip(single, multi):
+        assert row["kind"] == one["kind"]
+        if "conversations" not in row:  # the {"text", "response"} schema holds one question
+            assert row == one | {"image": row["image"]}
+            continue
+        turns = row["conversations"]
+        assert turns[:2] == one["conversations"]  # the picture's own question comes first, unchanged
+        assert [t["role"] for t in turns] == ["user", "assistant"] * (len(turns) // 2)
+        assert all("<image>" not in t["content"] for t in turns[2:])  # one picture, one placeholder
+        questions = [t["content"].removeprefix("<image>\n") for t in turns[::2]]
+        kinds = [next(k for k, q in shapes.QUESTIONS.items() if re.fullmatch(
+            re.escape(q).replace(r"\{shape\}", r"\w+").replace(r"\{color\}", r"\w+"), question))
+            for question in questions]
+        assert len(set(kinds)) == len(kinds)  # no kind twice
+        if row["kind"] == "read":
+            assert len(turns) == 2
+        else:  # describe and count are always well posed; color and where when one shape is unique
+            assert {"describe", "count"} <= set(kinds) and "read" not in kinds
+        lengths.add(len(turns) // 2)
+    assert {3, 4} <= lengths  # scenes where a question would be ambiguous, and scenes with all four
+
+
+def test_all_questions_answers_match_the_scene():
+    rng = np.random.default_rng(0)
+    for index in range(40):
+        example = make_example(3, index)
+        for question, answer in shapes.scene_questions(rng, example):
+            if question == "How many shapes are there?":
+                assert answer == str(len(example.shapes))
+            elif question.startswith("What color is the "):
+                name = question.removeprefix("What color is the ").removesuffix("?")
+                assert [s.color for s in example.shapes if s.name == name] == [answer]
+            elif question.startswith("Where is the "):
+                color = question.removeprefix("Where is the ").removesuffix(" shape?")
+                assert [s.where for s in example.shapes if s.color == color] == [answer]

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from minimm.vit import (PAD_FILL, ViT, ViTConfig, interpolate_pos_emb, load_image, patchify, preprocess,
-                        to_tensor, unpatchify)
+from minimm.vit import (PAD_FILL, POS_INIT_STD, ViT, ViTConfig, interpolate_pos_emb, load_image, patchify,
+                        preprocess, sincos_2d, to_tensor, unpatchify)
 
 SMALL = dict(image_size=24, patch_size=6, n_layer=2, n_head=3, n_embd=36)
 
@@ -212,3 +212,30 @@ def test_to_tensor_from_memmap_and_tensor(tmp_path):
     torch.testing.assert_close(to_tensor(torch.from_numpy(np.array(readonly))), x)
     with pytest.raises(TypeError, match="uint8"):
         to_tensor(x)
+
+
+def test_sincos_positions_are_distinct_and_local():
+    table = sincos_2d(6, 6, 32)  # (gh, gw, C)
+    assert table.shape == (6, 6, 32)
+    flat = table.reshape(36, 32)
+    distance = torch.cdist(flat, flat)  # (36, 36)
+    assert (distance + torch.eye(36) * 1e3).min() > 0.1  # every cell has its own vector
+    # the first half encodes the row only, the second the column only
+    torch.testing.assert_close(table[:, 0, :16], table[:, 5, :16])
+    torch.testing.assert_close(table[0, :, 16:], table[5, :, 16:])
+    # nearer cells have nearer vectors along a row and along a column
+    assert distance[0, 1] < distance[0, 2] < distance[0, 5]
+    assert distance[0, 6] < distance[0, 12] < distance[0, 30]
+    odd = sincos_2d(3, 4, 30)  # any width: 15 channels for the row, 15 for the column
+    assert odd.shape == (3, 4, 30) and len(torch.unique(odd.reshape(12, 30), dim=0)) == 12
+
+
+def test_initial_positions_are_as_loud_as_the_patches():
+    """At init the positions and the patch content must both be legible: neither drowns the other."""
+    torch.manual_seed(0)
+    vit = ViT(ViTConfig(image_size=48, patch_size=8, n_layer=2, n_head=4, n_embd=64))
+    assert vit.pos_emb.std().item() == pytest.approx(POS_INIT_STD, rel=1e-4)
+    images = (torch.rand(8, 3, 48, 48) * 2 - 1) * 0.6  # pixel values of std ~0.35, like the bundled scenes
+    content = vit.patch_embed(patchify(images, 8))  # (B, P, C)
+    ratio = content.std().item() / vit.pos_emb.std().item()
+    assert 0.5 < ratio < 3, ratio  # with N(0, 0.02) weights the content would be ~0.1x the positions
