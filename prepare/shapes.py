@@ -12,10 +12,10 @@ What this file teaches:
   a shorter one.
 - Anti-aliasing by supersampling: everything is drawn at SUPERSAMPLE times the size, then averaged down
   with a box filter, so an 8-pixel shape still has the right silhouette and a pure colour at its centre.
-
 - Several answers per picture: with all_questions (the training split of prepare/mixed.py) a scene's
   conversation asks every well-posed question about it, so one pass of the image encoder and one set of
-  image placeholders pay for up to four supervised answers (about 17 tokens per answer instead of 27).
+  image placeholders pay for up to four supervised answers (the default run then trains on about 1.4x
+  the image answer tokens per step, at the same row budget).
 
 Questions (the "kind" of each row, so the evaluation can report accuracy per question type):
   describe  "Describe the image."         -> "a red circle left of a blue square" (shapes left to right)
