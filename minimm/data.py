@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minimm.audio import N_MELS
+from minimm.audio import N_MELS, AudioEncoder
 from minimm.vit import to_tensor
 
 TEXT_STREAM, PACKED = 0, 1  # the two kinds of example in the index
@@ -43,10 +43,11 @@ class MediaSpec:
         return cls(cfg.image_size, cfg.resize, tokens, cfg.strict, cfg.audio_stack)
 
 
-def audio_tokens(frames: int, stack: int = 1) -> int:
-    """Placeholders for a clip of `frames` mel frames: the audio encoder halves time (a stride-2 conv),
-    then the projector merges `stack` neighbouring encoder frames into one token (the last one padded)."""
-    return ((frames + 1) // 2 + stack - 1) // stack
+def audio_tokens(frames, stack: int = 1):
+    """Placeholders for a clip of `frames` mel frames (an int, or a tensor of them): the audio encoder
+    halves time (a stride-2 conv), then the projector merges `stack` neighbouring encoder frames into one
+    token (the last one padded). The one definition that packing, prompts and the splice all use."""
+    return (AudioEncoder.output_lengths(frames) + stack - 1) // stack
 
 
 @dataclass

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 
 from minimm.audio import AudioEncoder, AudioEncoderConfig
+from minimm.data import audio_tokens
 from minimm.gpt import GPT, GPTConfig
 from minimm.lora import LoRALinear, mark_trainable
 from minimm.vit import ViT, ViTConfig
@@ -176,8 +177,7 @@ class MultimodalGPT(nn.Module):
         divided by the projector's audio_stack (rounded up)."""
         if len(mel_lengths) and not hasattr(self, "audio"):
             raise ValueError("this model has no audio encoder")
-        k = self.config.audio_stack
-        return ((AudioEncoder.output_lengths(torch.as_tensor(mel_lengths, dtype=torch.long)) + k - 1) // k).tolist()
+        return audio_tokens(torch.as_tensor(mel_lengths, dtype=torch.long), self.config.audio_stack).tolist()
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameters of the GPT (as GPT.num_params counts them) plus those of the encoders and projectors."""

@@ -150,9 +150,8 @@ def make_image_examples(out_dir: str | Path, n: int, seed: int, image_size: int 
     "response"} schema; both carry "kind" (of the first question). "image" paths are relative to
     `relative_to` (default out_dir), which should be the directory of the JSONL file the rows go into.
     all_questions: a scene's conversation goes on to ask every other well-posed question about it
-    (scene_questions), up to 4 answers for one encoded picture -- the training split uses it, because the
-    picture's placeholders and its encoder pass are then shared by four answers instead of paid per answer;
-    the validation split keeps one question per picture, so each is scored alone.
+    (scene_questions; why: the module docstring). prepare/mixed.py uses it for the training split only,
+    so each validation picture asks one question and is scored alone.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
