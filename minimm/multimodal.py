@@ -33,7 +33,9 @@ from minimm.audio import AudioEncoder, AudioEncoderConfig
 from minimm.data import audio_tokens
 from minimm.gpt import GPT, GPTConfig
 from minimm.lora import LoRALinear, mark_trainable
-from minimm.vit import ViT, ViTConfig
+from minimm.vit import ViT, ViTConfig, interpolate_pos_emb, sincos_2d
+
+IMAGE_POS_INIT_STD = 0.2  # the image tokens' own positions at init (Projector): ~3x the content's std
 
 
 def pixel_shuffle(x: torch.Tensor, s: int, grid: tuple[int, int] | None = None) -> torch.Tensor:
@@ -76,9 +78,22 @@ class Projector(nn.Module):
     merged because they are the patches most likely to belong to one object.
     in_dim: the encoder's channels Ce (before the shuffle); out_dim: the GPT's n_embd C.
     frame_stack: for audio, the same idea along time (stack_frames): (N, Ta, Ce) -> (N, Ta / k, k Ce).
+    token_grid: (rows, columns) of the image tokens after the shuffle; given, each token also gets a
+    learned position of its own in the GPT's space (pos_emb, below).
+
+    Why image tokens need positions of their own in the GPT's space: the GPT's rotary positions make
+    attention depend on how far apart two tokens are, but what an attended token passes on (its value)
+    holds only what the token itself carries. The ViT adds its positions at its input; after its blocks,
+    the shuffle and this MLP it is mixed into the content, and the GPT answered "Where is the red shape?"
+    barely above chance: the red token has to say where it sits. A learned (rows, columns, C) table added
+    to the projected tokens puts it back. It starts as 2-D sine-cosines (vit.sincos_2d) at
+    IMAGE_POS_INIT_STD, above the projected content's std at init (~0.07), and is interpolated like the
+    ViT's table for other image sizes.
+    Measured (image-only, 300 steps, README): where 0.17 -> 0.49, count 0.87 -> 1.00, val loss 0.61 -> 0.52.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, pixel_shuffle: int = 1, frame_stack: int = 1):
+    def __init__(self, in_dim: int, out_dim: int, pixel_shuffle: int = 1, frame_stack: int = 1,
+                 token_grid: tuple[int, int] | None = None):
         super().__init__()
         if pixel_shuffle < 1 or frame_stack < 1:
             raise ValueError(f"pixel_shuffle={pixel_shuffle}, frame_stack={frame_stack}: must be at least 1")
@@ -90,6 +105,10 @@ class Projector(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
+        self.pos_emb = None  # (rows, columns, C) when token_grid is given
+        if token_grid is not None:
+            table = sincos_2d(*token_grid, out_dim)  # (rows, columns, C)
+            self.pos_emb = nn.Parameter(table * (IMAGE_POS_INIT_STD / table.std()))
 
     def forward(self, x: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """x: (N, P, Ce) -> (N, P / s^2, C), or (N, Ta, Ce) -> (N, Ta / k, C) with frame_stack k.
@@ -98,7 +117,12 @@ class Projector(nn.Module):
             x = pixel_shuffle(x, self.pixel_shuffle, grid)  # (N, P/s^2, s^2 Ce)
         if self.frame_stack > 1:
             x = stack_frames(x, self.frame_stack)  # (N, Ta/k, k Ce)
-        return self.mlp(x)  # (N, M, C)
+        x = self.mlp(x)  # (N, M, C)
+        if self.pos_emb is not None:  # image tokens: add each one's place in the (rows, columns) grid
+            s, side = self.pixel_shuffle, math.isqrt(x.shape[1])
+            rows, columns = (grid[0] // s, grid[1] // s) if grid is not None else (side, side)
+            x = x + interpolate_pos_emb(self.pos_emb, rows, columns)  # (N, M, C) + (M, C)
+        return x
 
 
 def _full_config(cls: type, values: dict, section: str) -> dict:
@@ -118,6 +142,7 @@ class MultimodalConfig:
     audio: dict | None = None  # AudioEncoderConfig fields; None: no audio input
     pixel_shuffle: int = 1  # image tokens per image = ViT patches / pixel_shuffle^2
     audio_stack: int = 1  # audio tokens per clip = audio encoder frames / audio_stack, rounded up
+    image_pos_emb: bool = False  # a learned position per image token in the GPT's space (Projector)
     image_token_id: int  # the tokenizer's <|image|>
     audio_token_id: int  # the tokenizer's <|audio|>
 
@@ -152,7 +177,9 @@ class MultimodalGPT(nn.Module):
         n_embd = self.gpt.config.n_embd
         if config.vision is not None:
             self.vision = ViT(ViTConfig(**config.vision))
-            self.image_projector = Projector(self.vision.config.n_embd, n_embd, config.pixel_shuffle)
+            tokens_per_side = self.vision.config.image_size // self.vision.config.patch_size // config.pixel_shuffle
+            self.image_projector = Projector(self.vision.config.n_embd, n_embd, config.pixel_shuffle,
+                                             token_grid=(tokens_per_side,) * 2 if config.image_pos_emb else None)
         if config.audio is not None:
             self.audio = AudioEncoder(AudioEncoderConfig(**config.audio))
             self.audio_projector = Projector(self.audio.config.n_embd, n_embd, frame_stack=config.audio_stack)

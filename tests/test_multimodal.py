@@ -16,6 +16,7 @@ ARGS = dict(
     vision=dict(image_size=18, patch_size=3, n_layer=1, n_head=2, n_embd=12),  # 6x6 grid: 36 patches
     audio=dict(n_mels=10, n_embd=14, n_layer=1, n_head=2, max_frames=41),
     pixel_shuffle=2,  # 36 patches -> 9 image tokens
+    image_pos_emb=True,  # ... each with a learned place of its own in the 3x3 grid
     image_token_id=IMAGE,
     audio_token_id=AUDIO,
 )
@@ -66,6 +67,24 @@ def test_pixel_shuffle_merges_neighbourhoods():
         pixel_shuffle(x, 4)
     projector = Projector(5, 7, pixel_shuffle=3)
     assert projector.mlp[0].in_features == 45 and projector(x).shape == (2, 4, 7)
+
+
+def test_image_tokens_carry_their_place_in_the_grid():
+    projector = Projector(5, 7, pixel_shuffle=2, token_grid=(3, 3))
+    assert projector.pos_emb.shape == (3, 3, 7)
+    x = torch.randn(2, 36, 5)  # two 6x6 grids of patches
+    plain = projector.mlp(pixel_shuffle(x, 2))  # (2, 9, 7) what the MLP alone makes of each token
+    torch.testing.assert_close(projector(x), plain + projector.pos_emb.reshape(9, 7), rtol=0, atol=0)
+    # one patch content everywhere: without positions all 9 tokens are equal, with them all differ
+    same = torch.randn(1, 1, 5).expand(1, 36, 5)
+    assert torch.unique(projector.mlp(pixel_shuffle(same, 2)).round(decimals=5), dim=1).shape[1] == 1
+    assert torch.unique(projector(same).round(decimals=5), dim=1).shape[1] == 9
+    # another image size: the table is interpolated to its token grid, (8, 6) patches -> (4, 3) tokens
+    assert projector(torch.randn(2, 48, 5), grid=(8, 6)).shape == (2, 12, 7)
+    # a checkpoint from before this option has no image_pos_emb in its model_args: no table
+    old_args = {k: v for k, v in ARGS.items() if k != "image_pos_emb"}
+    assert MultimodalGPT.from_args(old_args).image_projector.pos_emb is None
+    assert "image_projector.pos_emb" in make_model().state_dict()
 
 
 def test_splice_puts_each_image_at_its_placeholders():
