@@ -12,9 +12,7 @@ What this file teaches:
   embedding and one `<|audio|>` per audio frame, so the splice is a one-to-one, in-order fill.
 - The splice is a boolean-mask scatter (`index_put`): differentiable with respect to what is written,
   so the loss trains the projector and the encoders through it; no loop over positions.
-- Image tokens also get a learned place of their own in the GPT's space (Projector, token_grid): rotary
-  positions tell attention how far apart two tokens are, but an answer to "where?" needs the attended
-  token itself to say which cell of the picture it shows.
+- Image tokens also get a learned place of their own in the GPT's space (why: Projector's docstring).
 - Placeholders are never in the loss: a target that names a placeholder is set to -100. Predicting the
   text right after an image from the last image position stays in the loss: that is a caption's first word.
 - Freezing is per part (`set_trainable`). The usual recipe trains the projector and adapts the LM:
@@ -123,8 +121,8 @@ class Projector(nn.Module):
             x = stack_frames(x, self.frame_stack)  # (N, Ta/k, k Ce)
         x = self.mlp(x)  # (N, M, C)
         if self.pos_emb is not None:  # image tokens: add each one's place in the (rows, columns) grid
-            s, side = self.pixel_shuffle, math.isqrt(x.shape[1])
-            rows, columns = (grid[0] // s, grid[1] // s) if grid is not None else (side, side)
+            s = self.pixel_shuffle
+            rows, columns = (grid[0] // s, grid[1] // s) if grid is not None else (math.isqrt(x.shape[1]),) * 2
             x = x + interpolate_pos_emb(self.pos_emb, rows, columns)  # (N, M, C) + (M, C)
         return x
 
