@@ -110,7 +110,7 @@ vision_args = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, n_layer
 audio_args = dict(n_layer=cfg.audio_n_layer, n_head=cfg.audio_n_head, n_embd=cfg.audio_n_embd)
 model_args = dict(gpt=gpt_args, vision=vision_args if train_split.images is not None else None,
                   audio=audio_args if train_split.audio is not None else None, pixel_shuffle=cfg.pixel_shuffle,
-                  audio_stack=cfg.audio_stack, image_pos_emb=cfg.image_pos_emb,
+                  audio_stack=cfg.audio_stack, image_pos_emb=cfg.image_pos_emb, projector_norm=cfg.projector_norm,
                   image_token_id=tok.special("<|image|>"), audio_token_id=tok.special("<|audio|>"))
 start_step, ckpt = 0, None
 if cfg.init_from == "resume":

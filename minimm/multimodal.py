@@ -13,6 +13,8 @@ What this file teaches:
 - The splice is a boolean-mask scatter (`index_put`): differentiable with respect to what is written,
   so the loss trains the projector and the encoders through it; no loop over positions.
 - Image tokens also get a learned place of their own in the GPT's space (why: Projector's docstring).
+- A LayerNorm ends each projector and sets the scale at which media tokens enter the GPT: larger than the
+  token embeddings, which a pre-norm GPT trained from scratch reads far better (Projector's docstring).
 - Placeholders are never in the loss: a target that names a placeholder is set to -100. Predicting the
   text right after an image from the last image position stays in the loss: that is a caption's first word.
 - Freezing is per part (`set_trainable`). The usual recipe trains the projector and adapts the LM:
@@ -37,6 +39,7 @@ from minimm.lora import LoRALinear, mark_trainable
 from minimm.vit import ViT, ViTConfig, interpolate_pos_emb, sincos_2d
 
 IMAGE_POS_INIT_STD = 0.2  # the image tokens' own positions at init (Projector): ~3x the content's std
+MEDIA_NORM_GAIN = 3.0  # std of each projected media token's channels at init (Projector's out_norm)
 
 
 def pixel_shuffle(x: torch.Tensor, s: int, grid: tuple[int, int] | None = None) -> torch.Tensor:
@@ -92,10 +95,23 @@ class Projector(nn.Module):
     ViT's table for other image sizes.
     Measured (image-only, 300 steps, README): where 0.17 -> 0.49, count 0.87 -> 1.00, val loss 0.61 -> 0.52;
     in the 720-step default run, with fewer pictures per step, image val loss 0.69 -> 0.67 only.
+    out_norm: a LayerNorm ends the projector (after the position table), its gain starting at
+    MEDIA_NORM_GAIN, so media tokens enter the GPT at a scale set here rather than wherever the MLP drifts.
+
+    Why a set scale, and why large: the GPT is pre-norm, so a token's residual stream starts as its input
+    vector and every block adds to it. Li et al. 2025 ("The Unseen Bias: How Norm Discrepancy in Pre-Norm
+    MLLMs Leads to Visual Information Loss", https://arxiv.org/abs/2512.08374) put a LayerNorm after a
+    pretrained LLaVA's projector to pull its high-norm image tokens down to the text's scale. Trained from
+    scratch for minutes, we measured the other direction: audio tokens 50x larger than the token embeddings
+    keep what they carry through every block, where the answer reads it. Audio only, 200 steps (README),
+    audio val loss without the norm 0.93; with it at gain 0.02 (the text's scale) 1.18, 1.0: 0.79,
+    3.0: 0.65 (the first keys named right: dtmf_accuracy 0.02 -> 0.17), 10: 0.62. Image only, 300 steps:
+    no change (val loss 0.52 -> 0.53). In the 720-step default run, where each task gets fewer steps:
+    image val loss 0.67 -> 0.56 (color 0.25 -> 0.69, count 0.67 -> 0.85), audio val loss 1.18 -> 1.01.
     """
 
     def __init__(self, in_dim: int, out_dim: int, pixel_shuffle: int = 1, frame_stack: int = 1,
-                 token_grid: tuple[int, int] | None = None):
+                 token_grid: tuple[int, int] | None = None, out_norm: bool = False):
         super().__init__()
         if pixel_shuffle < 1 or frame_stack < 1:
             raise ValueError(f"pixel_shuffle={pixel_shuffle}, frame_stack={frame_stack}: must be at least 1")
@@ -107,6 +123,10 @@ class Projector(nn.Module):
             if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, std=0.02)
                 nn.init.zeros_(m.bias)
+        self.norm = None
+        if out_norm:
+            self.norm = nn.LayerNorm(out_dim)
+            nn.init.constant_(self.norm.weight, MEDIA_NORM_GAIN)
         self.pos_emb = None  # (rows, columns, C) when token_grid is given
         if token_grid is not None:
             table = sincos_2d(*token_grid, out_dim)  # (rows, columns, C)
@@ -124,6 +144,8 @@ class Projector(nn.Module):
             s = self.pixel_shuffle
             rows, columns = (grid[0] // s, grid[1] // s) if grid is not None else (math.isqrt(x.shape[1]),) * 2
             x = x + interpolate_pos_emb(self.pos_emb, rows, columns)  # (N, M, C) + (M, C)
+        if self.norm is not None:
+            x = self.norm(x)  # (N, M, C)
         return x
 
 
@@ -145,6 +167,7 @@ class MultimodalConfig:
     pixel_shuffle: int = 1  # image tokens per image = ViT patches / pixel_shuffle^2
     audio_stack: int = 1  # audio tokens per clip = audio encoder frames / audio_stack, rounded up
     image_pos_emb: bool = False  # a learned position per image token in the GPT's space (Projector)
+    projector_norm: bool = False  # a LayerNorm ends each projector, setting the media tokens' scale (Projector)
     image_token_id: int  # the tokenizer's <|image|>
     audio_token_id: int  # the tokenizer's <|audio|>
 
@@ -181,10 +204,12 @@ class MultimodalGPT(nn.Module):
             self.vision = ViT(ViTConfig(**config.vision))
             tokens_per_side = self.vision.config.image_size // self.vision.config.patch_size // config.pixel_shuffle
             self.image_projector = Projector(self.vision.config.n_embd, n_embd, config.pixel_shuffle,
-                                             token_grid=(tokens_per_side,) * 2 if config.image_pos_emb else None)
+                                             token_grid=(tokens_per_side,) * 2 if config.image_pos_emb else None,
+                                             out_norm=config.projector_norm)
         if config.audio is not None:
             self.audio = AudioEncoder(AudioEncoderConfig(**config.audio))
-            self.audio_projector = Projector(self.audio.config.n_embd, n_embd, frame_stack=config.audio_stack)
+            self.audio_projector = Projector(self.audio.config.n_embd, n_embd, frame_stack=config.audio_stack,
+                                             out_norm=config.projector_norm)
 
     @classmethod
     def from_args(cls, args: dict) -> MultimodalGPT:
