@@ -19,7 +19,7 @@ audio_stack = 4  # 4 audio encoder frames (80 ms) per token: a 2 s clip is 25 to
 # tenth of its share; code is drawn 1.3x as often. Audio is drawn 4x: ~39 clips per step instead of 16.
 # Learning to name keys and notes starts late and at once (audio val loss 0.79 at step 250, 0.14 at step
 # 500); at 1.3x the default run never got there (exact match 0.00). Its cost: a fifth fewer
-# code and image answers per step, and ~1 minute (README).
+# code and image answers per step, and ~40 s (README).
 task_weights = {"text": 0.1, "code": 1.3, "audio": 4.0}
 
 batch_size = 16

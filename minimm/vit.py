@@ -15,7 +15,7 @@ What this file teaches:
 - The blocks are the GPT's pre-norm blocks with one difference: attention is not causal, every patch sees
   every other patch, because an image has no reading order.
 - No CLS token. A classifier needs one vector per image, so the paper pools into an extra token; here the
-  language model reads every patch embedding (after a projector, in multimodal.py) and attends to the
+  language model reads every patch embedding (after a projector, minimm/projector.py) and attends to the
   patches it needs, so pooling would only throw information away.
 - Preprocessing, in one place for both paths: `load_image` decodes, converts to RGB and resizes once at
   prepare time into uint8; `to_tensor` normalises at train time; `preprocess` (used by sample.py on a
