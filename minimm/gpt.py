@@ -169,7 +169,7 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor | None = None, targets: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, reduction: str = "mean"):
+                kv_cache: KVCache | None = None, reduction: str = "mean", return_logits: bool = True):
         """Next-token logits and, with targets, the loss.
 
         idx: (B, T) token ids, or inputs_embeds: (B, T, C) already embedded (the multimodal splice).
@@ -178,6 +178,9 @@ class GPT(nn.Module):
         kv_cache: continue from the cached positions (generation).
         Returns (logits (B, T, V), loss or None). Without targets only the last position's logits are
         computed: (B, 1, V), the nanoGPT trick that makes generation cheap.
+        return_logits=False (training): returns (None, loss), and the head runs only at the positions that
+        have a target. In a multimodal batch about two in three positions have none (prompts, image and
+        audio tokens), and the head with its softmax is the widest matmul in a small model.
         """
         x = self.transformer.wte(idx) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, C = x.shape
@@ -198,9 +201,16 @@ class GPT(nn.Module):
         x = self.transformer.ln_f(x)  # (B, T, C)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
+        if not return_logits and not torch.compiler.is_compiling():  # compiled graphs keep static shapes
+            keep = targets != -100  # (B, T)
+            kept_loss = ops.cross_entropy(self.lm_head(x[keep]), targets[keep], reduction=reduction)  # (N,) or ()
+            if reduction != "none":
+                return None, kept_loss
+            loss = torch.zeros(B, T, dtype=kept_loss.dtype, device=x.device)
+            return None, loss.masked_scatter(keep, kept_loss)  # (B, T), 0 where ignored
         logits = self.lm_head(x)  # (B, T, V)
         loss = ops.cross_entropy(logits, targets, ignore_index=-100, reduction=reduction)
-        return logits, loss
+        return (logits if return_logits else None), loss
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; the tied embedding is counted once, and left out with non_embedding."""

@@ -74,7 +74,8 @@ def backward_token_weighted(model: nn.Module, micro_batches: list, n_tasks: int,
         if ddp:  # only the last micro-batch all-reduces the gradients
             model.require_backward_grad_sync = m == len(micro_batches) - 1
         with autocast:
-            _, token_loss = model(b.x, b.y, segment_ids=b.segment_ids, reduction="none", **b.media())  # (B, T)
+            _, token_loss = model(b.x, b.y, segment_ids=b.segment_ids, reduction="none", return_logits=False,
+                                  **b.media())  # (B, T)
         # DDP averages gradients over ranks, so scale by world_size to keep sum / (global count)
         loss = token_loss.float().sum() * world_size / n_supervised
         scaler.scale(loss).backward()
@@ -105,7 +106,8 @@ def evaluate_loss(model: nn.Module, batches: Batches, eval_iters: int, tasks: li
     for i in range(eval_iters):
         b = batches.get(i).to(device)
         with autocast:
-            _, loss = model(b.x, b.y, segment_ids=b.segment_ids, reduction="none", **b.media())  # (B, T)
+            _, loss = model(b.x, b.y, segment_ids=b.segment_ids, reduction="none", return_logits=False,
+                            **b.media())  # (B, T)
         loss = loss.float().cpu()
         valid = b.y.cpu() != -100
         task = b.task_ids.cpu()

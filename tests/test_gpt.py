@@ -27,6 +27,31 @@ def test_shapes_and_loss_equals_f_cross_entropy(pos_emb):
     assert per_token.shape == (3, 29) and (per_token[0, :5] == 0).all()
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_head_at_supervised_positions_only_gives_the_same_loss_and_grads(reduction):
+    """return_logits=False runs the head only where a target exists; nothing else may change."""
+    model = tiny()
+    idx = torch.randint(0, 101, (3, 23))
+    targets = torch.randint(0, 101, (3, 23))
+    targets[0] = -100  # a row with no target at all
+    targets[1, ::2] = -100
+
+    def loss_and_grads(return_logits: bool):
+        model.zero_grad()
+        logits, loss = model(idx, targets, reduction=reduction, return_logits=return_logits)
+        loss.sum().backward()
+        return logits, loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    logits, full, full_grads = loss_and_grads(True)
+    none, kept, kept_grads = loss_and_grads(False)
+    assert logits.shape == (3, 23, 101) and none is None
+    assert kept.shape == full.shape
+    # the same rows go through the same ops; only the matmul's blocking over fewer rows may differ
+    torch.testing.assert_close(kept, full, rtol=1e-6, atol=1e-6)
+    for a, b in zip(kept_grads, full_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_inputs_embeds_equals_ids():
     model = tiny()
     idx = torch.randint(0, 101, (2, 17))

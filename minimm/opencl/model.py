@@ -99,19 +99,20 @@ class OpenCLGPT:
         return logits, F.cross_entropy(logits, targets, reduction=reduction)
 
     def forward(self, idx=None, targets=None, segment_ids=None, reduction: str = "mean",
-                kv_cache: KVCache | None = None, inputs_embeds=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                kv_cache: KVCache | None = None, inputs_embeds=None,
+                return_logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """GPT.forward's contract with host tensors in and out (evaluation: no gradients).
 
         idx, targets, segment_ids: (B, T) torch tensors or numpy arrays; inputs_embeds: (B, T, C) floats.
-        Returns (logits, loss) as CPU torch tensors: logits (B, T, V) with targets, else (B, 1, V); loss
-        as GPT's (None without targets).
+        Returns (logits, loss) as CPU torch tensors: logits (B, T, V) with targets, else (B, 1, V), or
+        None with return_logits=False (the head still runs at every position here); loss as GPT's.
         """
         if inputs_embeds is not None:
             inputs_embeds = torch.as_tensor(inputs_embeds).detach().float().cpu().numpy()
         with no_grad():
             logits, loss = self.forward_tensors(host_ints(idx), host_ints(targets), host_ints(segment_ids),
                                                 reduction, kv_cache, inputs_embeds)
-            return (torch.from_numpy(logits.numpy()),
+            return (torch.from_numpy(logits.numpy()) if return_logits else None,
                     None if loss is None else torch.from_numpy(loss.numpy()))
 
     __call__ = forward
