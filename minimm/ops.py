@@ -101,6 +101,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     if causal and key_lengths is None and segment_ids is None and q.shape[2] == k.shape[2]:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if key_lengths is None:  # causal or same-example masks always leave a query its own key
+        return out
     return out.masked_fill(~mask.any(-1, keepdim=True), 0.0)  # fully masked rows: zeros, not NaN
 
 
