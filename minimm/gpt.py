@@ -178,9 +178,9 @@ class GPT(nn.Module):
         kv_cache: continue from the cached positions (generation).
         Returns (logits (B, T, V), loss or None). Without targets only the last position's logits are
         computed: (B, 1, V), the nanoGPT trick that makes generation cheap.
-        return_logits=False (training): returns (None, loss), and the head runs only at the positions that
-        have a target. In a multimodal batch about two in three positions have none (prompts, image and
-        audio tokens), and the head with its softmax is the widest matmul in a small model.
+        return_logits=False (training and validation losses): returns (None, loss), and the head runs only
+        at the positions that have a target. In a multimodal batch about two in three positions have none
+        (prompts, image and audio tokens), and the head with its softmax is the widest matmul in a small model.
         """
         x = self.transformer.wte(idx) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, C = x.shape

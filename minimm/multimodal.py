@@ -33,6 +33,7 @@ from minimm.lora import LoRALinear, mark_trainable
 from minimm.projector import Projector
 from minimm.vit import ViT, ViTConfig
 
+
 def _full_config(cls: type, values: dict, section: str) -> dict:
     """values completed with cls's defaults, so a checkpoint keeps every field; unknown keys are errors."""
     unknown = sorted(set(values) - {f.name for f in fields(cls)})
