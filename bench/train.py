@@ -2,6 +2,7 @@
 
     python bench/train.py                      # CPU: the default config's model shape
     python bench/train.py --device=cuda --gpt2 --compile   # GPU: a GPT-2-124M-shaped model at T=1024
+    python bench/train.py --dtype=bfloat16     # CPU with bf16 autocast (what config/mixed.py uses on AMX)
 
 Both sides run the same GPT with the same batch shape and AdamW. train.py's side goes through everything
 the script does per step: batches drawn from the packed memmaps (data.Batches), the token-weighted
@@ -80,13 +81,17 @@ def main() -> None:
     ap.add_argument("--vocab_size", type=int, default=2048)
     ap.add_argument("--gpt2", action="store_true", help="GPT-2 124M shape: 12 layers, 12 heads, 768, T=1024")
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="autocast dtype of both sides; auto: bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--peak_tflops", type=float, default=989.0, help="bf16 dense peak (H100 SXM: 989)")
     args = ap.parse_args()
     if args.gpt2:
         args.n_layer, args.n_head, args.n_embd, args.block_size, args.vocab_size = 12, 12, 768, 1024, 50304 - 11
     device = args.device
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    autocast = torch.autocast("cuda", dtype=dtype) if device.startswith("cuda") else nullcontext()
+    if args.dtype == "auto":
+        args.dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    autocast = (nullcontext() if args.dtype == "float32"
+                else torch.autocast(device.split(":")[0], dtype=torch.bfloat16))
     tokens_per_step = args.batch_size * args.block_size
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -131,7 +136,7 @@ def main() -> None:
 
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device: {name}; model: {args.n_layer} layers, {args.n_embd} wide, T={args.block_size}, "
-          f"batch {args.batch_size}, vocab {config.vocab_size}{', compiled' if args.compile else ''}")
+          f"batch {args.batch_size}, vocab {config.vocab_size}, {args.dtype}{', compiled' if args.compile else ''}")
     ours_tps, bare_tps = tokens_per_step * args.steps / t_ours, tokens_per_step * args.steps / t_bare
     print(f"train.py step : {ours_tps:12,.0f} tokens/s")
     print(f"bare loop     : {bare_tps:12,.0f} tokens/s")

@@ -34,6 +34,16 @@ def configure_optimizer(model: nn.Module, weight_decay: float, learning_rate: fl
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
 
+def cpu_has_amx() -> bool:
+    """True when this CPU multiplies bfloat16 matrices in hardware (Intel AMX: Xeon 4th generation and later).
+
+    There `dtype="bfloat16"` (autocast) makes a training step cheaper on the CPU: the linears run in bf16,
+    attention stays in fp32 (ops.attention). Elsewhere bf16 matmuls are emulated and slower than fp32.
+    """
+    check = getattr(torch.cpu, "_is_amx_tile_supported", None)  # PyTorch's own CPU feature probe
+    return bool(check is not None and check())
+
+
 def learning_rate_at(step: int, learning_rate: float, min_lr: float, warmup_iters: int,
                      lr_decay_iters: int) -> float:
     if step < warmup_iters:
