@@ -138,7 +138,9 @@ if cfg.lora_rank > 0 and cfg.lora_trainable:  # modules trained fully beside the
 if cfg.init_from == "resume":
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
 model.to(device)
-optimizer = configure_optimizer(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type)
+media_parts = ("vision.", "audio.", "image_projector.", "audio_projector.")  # the encoders and projectors
+optimizer = configure_optimizer(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type,
+                                lr_scales={part: cfg.media_lr_scale for part in media_parts})
 if cfg.init_from == "resume":
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
@@ -226,7 +228,7 @@ t_last, tokens_since = time.time(), 0
 while step < cfg.max_iters and not stop_requested:
     lr = learning_rate_at(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, lr_decay_iters)
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     if step % cfg.eval_interval == 0 and step > start_step and master:
         sync_from_opencl()
         val = evaluate_loss(unwrap(model), val_batches, cfg.eval_iters, tok.tasks, device, autocast)

@@ -87,6 +87,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     max_iters: int = 2000
     learning_rate: float = 1e-3
+    media_lr_scale: float = 1.0  # the image/audio encoders' and projectors' learning rate, as a multiple
     min_lr: float = 1e-5
     warmup_iters: int = 100
     lr_decay_iters: typing.Optional[int] = None  # None: max_iters

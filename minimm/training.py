@@ -25,11 +25,22 @@ from minimm.data import Batches
 
 
 def configure_optimizer(model: nn.Module, weight_decay: float, learning_rate: float,
-                        betas: tuple[float, float], device_type: str) -> torch.optim.AdamW:
+                        betas: tuple[float, float], device_type: str,
+                        lr_scales: dict[str, float] | None = None) -> torch.optim.AdamW:
+    """AdamW over the parameters that require grad. lr_scales: {name prefix: multiplier}; each group keeps
+    its multiplier as "lr_scale", and the loop sets group["lr"] = lr * group["lr_scale"] every step."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in params if p.dim() >= 2]
-    no_decay = [p for n, p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def scale_of(name: str) -> float:
+        return next((s for prefix, s in (lr_scales or {}).items() if name.startswith(prefix)), 1.0)
+
+    groups = []
+    for scale in sorted({scale_of(n) for n, _ in params}):
+        mine = [(n, p) for n, p in params if scale_of(n) == scale]
+        groups.append({"params": [p for n, p in mine if p.dim() >= 2], "weight_decay": weight_decay,
+                       "lr_scale": scale})
+        groups.append({"params": [p for n, p in mine if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale})
+    groups = [g for g in groups if g["params"]]
     fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 

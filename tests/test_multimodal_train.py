@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from minimm.formats import write_jsonl
+from minimm.multimodal import MultimodalGPT
 from minimm.training import load_checkpoint
 from prepare.shapes import make_image_examples
 from prepare.sounds import make_audio_examples
@@ -30,7 +31,7 @@ def run(tmp_path_factory):
                                    {"role": "assistant", "content": "broken"}], "image": "broken.png"})
     write_jsonl(root / "data.jsonl", rows)
     args = [sys.executable, "train.py", f"--train_files=['{root / 'data.jsonl'}']", f"--data_dir={root / 'data'}",
-            "--dataset=mm", f"--out_dir={root / 'out'}", *TINY, "--max_iters=4"]
+            "--dataset=mm", f"--out_dir={root / 'out'}", *TINY, "--max_iters=4", "--media_lr_scale=3"]
     proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return root, proc
@@ -54,6 +55,18 @@ def test_checkpoint_has_both_encoders_and_eval_reports_kinds(run):
     results = json.loads((root / "out" / "eval.json").read_text())
     assert 0.0 <= results["image"]["exact_match"] <= 1.0 and results["image"]["n"] > 0
     assert 0.0 <= results["audio"]["exact_match"] <= 1.0
+
+
+def test_media_lr_scale_multiplies_the_encoders_and_projectors_learning_rate(run):
+    root, _ = run
+    ckpt = load_checkpoint(root / "out" / "ckpt.pt")
+    groups = ckpt["optimizer"]["param_groups"]
+    lrs = {g["lr_scale"]: g["lr"] for g in groups}
+    assert sorted(lrs) == [1.0, 3.0] and lrs[3.0] == pytest.approx(3 * lrs[1.0]) and lrs[1.0] > 0
+    n_scaled = sum(len(g["params"]) for g in groups if g["lr_scale"] == 3.0)
+    media = ("vision.", "audio.", "image_projector.", "audio_projector.")
+    model = MultimodalGPT.from_args(ckpt["model_args"])
+    assert n_scaled == sum(1 for n, _ in model.named_parameters() if n.startswith(media))
 
 
 def test_sample_answers_about_an_image_and_a_clip(run, tmp_path):

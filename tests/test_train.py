@@ -15,7 +15,7 @@ from minimm.data import Batch
 from minimm.formats import write_jsonl
 from minimm.gpt import GPT, GPTConfig
 from minimm.multimodal import MultimodalGPT
-from minimm.training import backward_token_weighted, load_checkpoint
+from minimm.training import backward_token_weighted, configure_optimizer, load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=4", "--vocab_size=300",
@@ -150,3 +150,17 @@ def test_token_weighted_accumulation_equals_one_big_batch():
         for a, b in zip(*grads):
             assert torch.isfinite(b).all()
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_configure_optimizer_scales_the_learning_rate_of_named_parts():
+    """lr_scales puts each prefix's parameters in their own groups (decay and no-decay kept apart)."""
+    model = torch.nn.ModuleDict({"vision": torch.nn.Linear(3, 4), "gpt": torch.nn.Linear(4, 5)})
+    model["gpt"].bias.requires_grad_(False)  # frozen: in no group
+    opt = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "cpu", lr_scales={"vision.": 3.0})
+    groups = {(g["lr_scale"], g["weight_decay"]): g["params"] for g in opt.param_groups}
+    assert set(groups) == {(3.0, 0.1), (3.0, 0.0), (1.0, 0.1)}
+    assert groups[(3.0, 0.1)][0] is model["vision"].weight and groups[(3.0, 0.0)][0] is model["vision"].bias
+    assert groups[(1.0, 0.1)][0] is model["gpt"].weight
+    assert sum(len(p) for p in groups.values()) == 3
+    plain = configure_optimizer(model, 0.1, 1e-3, (0.9, 0.95), "cpu")
+    assert [g["lr_scale"] for g in plain.param_groups] == [1.0, 1.0]
