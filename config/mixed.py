@@ -33,6 +33,10 @@ dtype = "bfloat16" if minimm.training.cpu_has_amx() and not torch.cuda.is_availa
 batch_size = 16
 max_iters = 720
 learning_rate = 2e-3
+# the ViT, the audio encoder and their projectors learn at half the GPT's rate. At the full rate the GPT
+# learned to answer image questions from priors ("yellow", "bottom left"); at half, the image val loss fell
+# from 0.71 to 0.51 and count / color accuracy rose from 0.56 / 0.27 to 1.00 / 0.67 (README).
+media_lr_scale = 0.5
 min_lr = 1e-4
 warmup_iters = 50
 eval_interval = 250
