@@ -7,6 +7,8 @@ What this file teaches:
   what the tests compare the fast paths against (the tinygrad idea: one helper checks every op).
 - The backend is chosen once (`set_backend`, from the config key `kernels`), with a fallback that always
   works: plain PyTorch.
+- Mixed precision is a per-op choice: under CPU bf16 autocast the matmuls gain (Intel AMX) but PyTorch's CPU
+  attention kernel loses, so attention() keeps its own arithmetic in fp32 there.
 
 Backends:
   "math"   written-out softmax(q k^T / sqrt(hs)) v and log-softmax cross-entropy: slow, obviously right.
@@ -96,12 +98,14 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     mask = attention_mask(q.shape[2], k.shape[2], causal, key_lengths, segment_ids, q.device)
     if backend == "math":
         return math_attention(q, k, v, mask)
-    if q.device.type == "cpu" and (q.dtype != torch.float32 or torch.is_autocast_enabled("cpu")):
+    half = q.dtype in (torch.bfloat16, torch.float16)
+    if q.device.type == "cpu" and (half or torch.is_autocast_enabled("cpu")):
         # PyTorch's CPU attention kernel is slower in bfloat16 than in float32 (its backward ~3x, 16 x 4
         # heads x 256 x 48), while bf16 matmuls on CPUs with AMX are 5x faster than fp32 ones. So under CPU
         # autocast the linears run in bf16 and attention in fp32 (autocast would cast it back: off here).
+        work = torch.float32 if half else q.dtype
         with torch.autocast("cpu", enabled=False):
-            return _torch_attention(q.float(), k.float(), v.float(), mask, causal, key_lengths,
+            return _torch_attention(q.to(work), k.to(work), v.to(work), mask, causal, key_lengths,
                                     segment_ids).to(q.dtype)
     return _torch_attention(q, k, v, mask, causal, key_lengths, segment_ids)
 

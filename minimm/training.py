@@ -4,7 +4,8 @@ What this file teaches:
 - AdamW (Loshchilov & Hutter 2017, https://arxiv.org/abs/1711.05101) with weight decay on matrices only:
   biases and norm gains are not pulled towards zero. Only parameters that require grad are handed to the
   optimizer, so a frozen base (LoRA, freeze flags) holds no optimizer state at all.
-- The schedule: linear warmup, then a cosine from learning_rate down to min_lr at lr_decay_iters.
+- The schedule: linear warmup, then a cosine from learning_rate down to min_lr at lr_decay_iters. A group
+  of parameters may follow it at a multiple (lr_scales: the media encoders at media_lr_scale).
 - Token-weighted gradient accumulation: the loss of a step is the sum of per-token losses over every
   micro-batch divided by the step's total count of supervised tokens. A mean of micro-batch means would
   weight a micro-batch with 3 answer tokens like one with 300; this way the step equals one big batch.
