@@ -28,7 +28,7 @@ from minimm.data import Batches, Split
 from minimm.pack import dataset_status
 from minimm.evaluate import evaluate_tasks
 from minimm.lora import apply_lora, count_parameters, lora_state_dict, mark_trainable, save_lora
-from minimm.multimodal import MultimodalGPT, set_trainable
+from minimm.multimodal import MEDIA_PARTS, MultimodalGPT, set_trainable
 from minimm.plot import plot_losses
 from minimm.quant import memory_report
 from minimm.tokenizer import Tokenizer
@@ -138,9 +138,8 @@ if cfg.lora_rank > 0 and cfg.lora_trainable:  # modules trained fully beside the
 if cfg.init_from == "resume":
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
 model.to(device)
-media_parts = ("vision.", "audio.", "image_projector.", "audio_projector.")  # the encoders and projectors
 optimizer = configure_optimizer(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type,
-                                lr_scales={part: cfg.media_lr_scale for part in media_parts})
+                                lr_scales={part: cfg.media_lr_scale for part in MEDIA_PARTS})
 if cfg.init_from == "resume":
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
@@ -228,7 +227,7 @@ t_last, tokens_since = time.time(), 0
 while step < cfg.max_iters and not stop_requested:
     lr = learning_rate_at(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, lr_decay_iters)
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # a checkpoint from before lr_scale has none
     if step % cfg.eval_interval == 0 and step > start_step and master:
         sync_from_opencl()
         val = evaluate_loss(unwrap(model), val_batches, cfg.eval_iters, tok.tasks, device, autocast)

@@ -205,6 +205,10 @@ def _set_part(part: nn.Module, trainable: bool) -> None:
         p.requires_grad_(trainable and (not adapted or name.endswith((".lora_A", ".lora_B"))))
 
 
+# parameter-name prefixes of the encoders and projectors: what media_lr_scale applies to
+MEDIA_PARTS = ("vision.", "audio.", "image_projector.", "audio_projector.")
+
+
 def set_trainable(model: MultimodalGPT, *, freeze_vision: bool = False, freeze_audio: bool = False,
                   freeze_llm: bool = False, freeze_projector: bool = False) -> dict[str, int]:
     """Set requires_grad per part: freeze_vision the ViT, freeze_audio the audio encoder, freeze_llm the

@@ -72,7 +72,6 @@ def test_overfits_a_tiny_batch():
     assert loss.item() < 0.1
 
 
-
 def test_cpu_bf16_autocast_matches_float32_and_trains():
     """dtype=bfloat16 on a CPU (config/mixed.py on AMX machines): the linears run in bf16, attention in fp32.
     The loss and gradients stay close to fp32 (bf16 keeps 8 bits of mantissa, ~0.4% relative error per
@@ -103,6 +102,7 @@ def test_cpu_bf16_autocast_matches_float32_and_trains():
         loss.backward()
         opt.step()
     assert loss.item() < 0.2
+
 
 @pytest.mark.parametrize("pos_emb", ["rope", "learned"])
 def test_greedy_with_kv_cache_equals_without(pos_emb):
