@@ -1,0 +1,194 @@
+"""How fast does the default image encoder learn the bundled pictures on its own? Against a small CNN.
+
+    python bench/vision_probe.py                          # the default config's ViT + projector vs a CNN
+    python bench/vision_probe.py --steps 1500 --n_train 20000 --word_weight 0
+
+The default run asks the GPT questions about pictures, and its answers are only as good as what the image
+tokens carry. This bench takes the language model out: the config's ViT and projector (config/mixed.py: 48
+pixels, 8-pixel patches, pixel shuffle 2 -> 9 tokens, one per cell of the 3x3 grid that prepare/shapes.py
+places shapes on) are trained with linear heads straight on the answers' raw material:
+- per token: the colour of the shape whose centre is in that cell (or "none"), and its shape name;
+- per picture, for the text images: which of the WORDS it shows (one head over all 9 tokens).
+The same data and batches train a small CNN with the same 3x3 output grid, the usual peer when a vision
+model must learn from few images: convolutions build in locality and translation equivariance, which a
+ViT has to learn (Dosovitskiy et al. 2020, "An Image is Worth 16x16 Words",
+https://arxiv.org/abs/2010.11929, section 4.2; Xiao et al. 2021, "Early Convolutions Help Transformers
+See Better", https://arxiv.org/abs/2106.14881).
+
+It prints held-out accuracy as training goes and, at the end, the ViT / CNN ratio. What it taught us
+(README): colour and place are learned in a few hundred steps, shapes and words are not, by either model;
+the image questions that need only colour and place are limited by the GPT, the others by vision.
+"""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from minimm.config import load_config  # noqa: E402
+from minimm.projector import Projector  # noqa: E402
+from minimm.vit import ViT, ViTConfig, to_tensor  # noqa: E402
+from prepare.shapes import COLORS, SHAPES, WORDS, make_example, split_seed  # noqa: E402
+
+GRID = 3  # prepare/shapes.py puts each shape's centre well inside a cell of a 3x3 grid
+
+
+def scenes(seed: int, n: int, image_size: int) -> tuple[torch.Tensor, ...]:
+    """n pictures of prepare/shapes.py -> pixels (n, H, W, 3) uint8, colour and shape per cell (n, 9)
+    (0 = no shape there), word index (n,) (-100 for a scene of shapes)."""
+    pixels, colors, shapes, words = [], [], [], []
+    cell = image_size / GRID
+    for i in range(n):
+        example = make_example(seed, i, image_size)
+        color, shape = np.zeros(GRID * GRID, np.int64), np.zeros(GRID * GRID, np.int64)
+        for s in example.shapes:
+            k = int(s.y // cell) * GRID + int(s.x // cell)  # row-major, as the tokens are
+            color[k], shape[k] = 1 + list(COLORS).index(s.color), 1 + SHAPES.index(s.name)
+        pixels.append(np.asarray(example.image))
+        colors.append(color)
+        shapes.append(shape)
+        words.append(WORDS.index(example.word) if example.word else -100)
+    return (torch.from_numpy(np.stack(pixels)), torch.from_numpy(np.stack(colors)),
+            torch.from_numpy(np.stack(shapes)), torch.tensor(words))
+
+
+class ViTEncoder(nn.Module):
+    """The default model's image path: ViT, then the projector (pixel shuffle, MLP, positions, norm)."""
+
+    def __init__(self, cfg) -> None:
+        super().__init__()
+        self.vit = ViT(ViTConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, n_layer=cfg.vit_n_layer,
+                                 n_head=cfg.vit_n_head, n_embd=cfg.vit_n_embd))
+        side = cfg.image_size // cfg.patch_size // cfg.pixel_shuffle
+        if side != GRID:
+            raise SystemExit(f"image_size {cfg.image_size} / patch_size {cfg.patch_size} / pixel_shuffle "
+                             f"{cfg.pixel_shuffle} gives {side}x{side} image tokens; this probe needs 3x3")
+        self.projector = Projector(cfg.vit_n_embd, cfg.n_embd, cfg.pixel_shuffle, token_grid=(side, side),
+                                   out_norm=cfg.projector_norm)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.vit(images))  # (B, 3, H, W) -> (B, 9, C)
+
+
+class CNNEncoder(nn.Module):
+    """Four 3x3 convolutions, three with stride 2, then 2x2 average pooling: 48 -> 24 -> 12 -> 6 -> 3."""
+
+    def __init__(self, out_dim: int) -> None:
+        super().__init__()
+        widths = (3, 32, 64, 128, out_dim)
+        layers = []
+        for i in range(4):
+            layers += [nn.Conv2d(widths[i], widths[i + 1], 3, stride=1 if i == 0 else 2, padding=1), nn.GELU()]
+        self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(GRID))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(images).flatten(2).transpose(1, 2)  # (B, 3, H, W) -> (B, C, 3, 3) -> (B, 9, C)
+
+
+class Probe(nn.Module):
+    """An encoder and three linear heads: colour and shape per token, the word from all tokens."""
+
+    def __init__(self, encoder: nn.Module, dim: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.color = nn.Linear(dim, 1 + len(COLORS))
+        self.shape = nn.Linear(dim, 1 + len(SHAPES))
+        self.word = nn.Linear(GRID * GRID * dim, len(WORDS))
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        h = self.encoder(to_tensor(pixels))  # (B, 9, C)
+        return self.color(h), self.shape(h), self.word(h.flatten(1))  # (B, 9, 8), (B, 9, 6), (B, n_words)
+
+
+def losses(probe: Probe, batch: tuple[torch.Tensor, ...], word_weight: float) -> torch.Tensor:
+    pixels, colors, shapes, words = batch
+    color_logits, shape_logits, word_logits = probe(pixels)
+    loss = F.cross_entropy(color_logits.flatten(0, 1), colors.flatten())
+    loss = loss + F.cross_entropy(shape_logits.flatten(0, 1), shapes.flatten())
+    if (words >= 0).any():  # a batch without a text picture has no word loss
+        loss = loss + word_weight * F.cross_entropy(word_logits, words, ignore_index=-100)
+    return loss
+
+
+@torch.no_grad()
+def accuracy(probe: Probe, val: tuple[torch.Tensor, ...]) -> dict:
+    """Held-out accuracy: colour and shape over the cells that hold a shape, word over the text pictures."""
+    pixels, colors, shapes, words = val
+    color_logits, shape_logits, word_logits = probe(pixels)
+    occupied, texts = colors > 0, words >= 0
+    return {"color": (color_logits.argmax(-1) == colors)[occupied].float().mean().item(),
+            "shape": (shape_logits.argmax(-1) == shapes)[occupied].float().mean().item(),
+            "word": (word_logits.argmax(-1) == words)[texts].float().mean().item()}
+
+
+def train(name: str, probe: Probe, train_set, val_set, args) -> tuple[dict, float]:
+    """args.steps AdamW steps on batches drawn with a fixed seed (both models see the same batches)."""
+    torch.manual_seed(args.seed)
+    opt = torch.optim.AdamW(probe.parameters(), lr=args.lr, weight_decay=0.0)
+    batch_rng = torch.Generator().manual_seed(args.seed)
+    seconds = 0.0
+    for step in range(1, args.steps + 1):
+        start = time.perf_counter()
+        idx = torch.randint(0, len(train_set[0]), (args.batch_size,), generator=batch_rng)
+        loss = losses(probe, [t[idx] for t in train_set], args.word_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        seconds += time.perf_counter() - start
+        if step % args.eval_every == 0 or step == args.steps:
+            acc = accuracy(probe, val_set)
+            print(f"{name:>4} step {step:5d}  loss {loss.item():.3f}  held-out colour {acc['color']:.2f}  "
+                  f"shape {acc['shape']:.2f}  word {acc['word']:.2f}  ({seconds:.0f} s)", flush=True)
+    return acc, args.steps * args.batch_size / seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="config/mixed.py", help="the model sizes come from here")
+    parser.add_argument("--steps", type=int, default=900)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3, help="the ViT's rate in config/mixed.py: 2e-3 x 0.5")
+    parser.add_argument("--n_train", type=int, default=8000)
+    parser.add_argument("--n_val", type=int, default=500)
+    parser.add_argument("--word_weight", type=float, default=1.0, help="0: train colour and shape only")
+    parser.add_argument("--eval_every", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--models", default="vit,cnn", help="which encoders to train, in this order")
+    args = parser.parse_args()
+    names = args.models.split(",")
+    if not set(names) <= {"vit", "cnn"}:
+        parser.error(f"--models={args.models}: choose from vit, cnn")
+    cfg = load_config([args.config])
+    start = time.perf_counter()
+    train_set = scenes(split_seed(args.seed, "train"), args.n_train, cfg.image_size)
+    val_set = scenes(split_seed(args.seed, "val"), args.n_val, cfg.image_size)
+    print(f"{args.n_train} training and {args.n_val} held-out pictures of {cfg.image_size} pixels drawn in "
+          f"{time.perf_counter() - start:.0f} s; {args.steps} steps of {args.batch_size} pictures each "
+          f"({args.steps * args.batch_size / args.n_train:.1f} passes)")
+    results = {}
+    encoders = {"vit": lambda: ViTEncoder(cfg), "cnn": lambda: CNNEncoder(cfg.n_embd)}
+    for name in names:
+        torch.manual_seed(args.seed)
+        encoder = encoders[name]()
+        probe = Probe(encoder, cfg.n_embd)
+        print(f"{name}: {sum(p.numel() for p in encoder.parameters()):,} encoder parameters")
+        results[name] = train(name, probe, train_set, val_set, args)
+    print("\nheld-out accuracy after the last step (chance: shape 0.20, word 1/%d)" % len(WORDS))
+    print(f"{'':>6}{'colour':>8}{'shape':>8}{'word':>8}{'pictures/s':>12}")
+    for name, (acc, speed) in results.items():
+        print(f"{name:>6}{acc['color']:8.2f}{acc['shape']:8.2f}{acc['word']:8.2f}{speed:12.0f}")
+    if len(results) < 2:
+        return
+    vit, cnn = results["vit"][0], results["cnn"][0]
+    ratios = {k: f"{vit[k] / cnn[k]:.2f}x" if cnn[k] > 0 else "n/a (CNN at 0)" for k in ("color", "shape", "word")}
+    print(f"ViT / CNN: colour {ratios['color']}, shape {ratios['shape']}, word {ratios['word']}")
+
+
+if __name__ == "__main__":
+    main()

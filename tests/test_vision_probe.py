@@ -1,0 +1,56 @@
+"""Tests for bench/vision_probe.py: its per-cell labels agree with the pixels, its encoders give one token
+per cell, and the script runs end to end and prints accuracies."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from minimm.config import load_config
+from prepare.shapes import COLORS
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+import vision_probe  # noqa: E402
+
+PALETTE = np.array(list(COLORS.values()), dtype=np.float64)
+
+
+def test_cell_labels_match_the_pixels():
+    """Each labelled cell holds pixels of its colour, and the labels of a picture are consistent."""
+    pixels, colors, shapes, words = vision_probe.scenes(seed=11, n=40, image_size=48)
+    assert pixels.shape == (40, 48, 48, 3) and colors.shape == shapes.shape == (40, 9)
+    assert ((colors > 0) == (shapes > 0)).all()  # a cell has a colour exactly when it has a shape
+    assert ((words >= 0) == (colors == 0).all(1)).all()  # text pictures have no shapes, scenes have no word
+    checked = 0
+    for img, cell_colors in zip(pixels.numpy().astype(np.float64), colors.numpy()):
+        for k, c in enumerate(cell_colors):
+            # the cell plus a 3-pixel border (a shape's edge may cross into a neighbour; its centre may not)
+            r, col = divmod(k, 3)
+            patch = img[max(0, r * 16 - 3):r * 16 + 19, max(0, col * 16 - 3):col * 16 + 19].reshape(-1, 3)
+            nearest = np.linalg.norm(patch[:, None] - PALETTE[None], axis=-1).min(0)  # (7,) per colour
+            if c:
+                assert nearest[c - 1] < 40, f"cell {k} labelled {list(COLORS)[c - 1]} has no such pixel"
+                checked += 1
+    assert checked > 20
+
+
+def test_both_encoders_give_one_token_per_cell():
+    cfg = load_config([str(ROOT / "config" / "mixed.py")])
+    images = torch.randn(2, 3, cfg.image_size, cfg.image_size)
+    for encoder in (vision_probe.ViTEncoder(cfg), vision_probe.CNNEncoder(cfg.n_embd)):
+        assert encoder(images).shape == (2, 9, cfg.n_embd)
+
+
+def test_script_runs_and_prints_both_models():
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "vision_probe.py"), "--steps", "3", "--eval_every",
+                          "3", "--n_train", "40", "--n_val", "30", "--batch_size", "8"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines()
+            if line.split()[:1] in (["vit"], ["cnn"]) and len(line.split()) == 5}
+    assert set(rows) == {"vit", "cnn"}
+    for values in rows.values():
+        assert all(0.0 <= float(v) <= 1.0 for v in values[:3]) and float(values[3]) > 0
+    assert "ViT / CNN:" in out.stdout
