@@ -28,7 +28,7 @@ from minimm.data import Batches, Split
 from minimm.pack import dataset_status
 from minimm.evaluate import evaluate_tasks
 from minimm.lora import apply_lora, count_parameters, lora_state_dict, mark_trainable, save_lora
-from minimm.multimodal import MEDIA_PARTS, MultimodalGPT, set_trainable
+from minimm.multimodal import MEDIA_PARTS, MultimodalGPT, model_args_from_config, set_trainable
 from minimm.plot import plot_losses
 from minimm.quant import memory_report
 from minimm.tokenizer import Tokenizer
@@ -103,15 +103,8 @@ if train_split.n_truncated or train_split.n_dropped:
 
 # ---- model and optimizer -------------------------------------------------------------------------------
 # the model sees what the data holds: a vision encoder when there are images, an audio one for audio
-gpt_args = dict(vocab_size=tok.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, pos_emb=cfg.pos_emb)
-vision_args = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, n_layer=cfg.vit_n_layer,
-                   n_head=cfg.vit_n_head, n_embd=cfg.vit_n_embd)
-audio_args = dict(n_layer=cfg.audio_n_layer, n_head=cfg.audio_n_head, n_embd=cfg.audio_n_embd)
-model_args = dict(gpt=gpt_args, vision=vision_args if train_split.images is not None else None,
-                  audio=audio_args if train_split.audio is not None else None, pixel_shuffle=cfg.pixel_shuffle,
-                  audio_stack=cfg.audio_stack, image_pos_emb=cfg.image_pos_emb, projector_norm=cfg.projector_norm,
-                  image_token_id=tok.special("<|image|>"), audio_token_id=tok.special("<|audio|>"))
+model_args = model_args_from_config(cfg, tok.vocab_size, tok.special("<|image|>"), tok.special("<|audio|>"),
+                                    images=train_split.images is not None, audio=train_split.audio is not None)
 start_step, ckpt = 0, None
 if cfg.init_from == "resume":
     ckpt = load_checkpoint(out_dir / "ckpt.pt", device)

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minimm.config import load_config  # noqa: E402
-from minimm.projector import Projector  # noqa: E402
-from minimm.vit import ViT, ViTConfig, to_tensor  # noqa: E402
+from minimm.multimodal import MultimodalGPT, model_args_from_config  # noqa: E402
+from minimm.vit import to_tensor  # noqa: E402
 from prepare.shapes import COLORS, SHAPES, WORDS, make_example, split_seed  # noqa: E402
 
 GRID = 3  # prepare/shapes.py puts each shape's centre well inside a cell of a 3x3 grid
@@ -59,18 +59,18 @@ def scenes(seed: int, n: int, image_size: int) -> tuple[torch.Tensor, ...]:
 
 
 class ViTEncoder(nn.Module):
-    """The default model's image path: ViT, then the projector (pixel shuffle, MLP, positions, norm)."""
+    """The default model's image path, built by MultimodalGPT from the config: ViT, then the projector
+    (pixel shuffle, MLP, the image tokens' positions, norm). The GPT it also builds is dropped."""
 
     def __init__(self, cfg) -> None:
         super().__init__()
-        self.vit = ViT(ViTConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, n_layer=cfg.vit_n_layer,
-                                 n_head=cfg.vit_n_head, n_embd=cfg.vit_n_embd))
+        model = MultimodalGPT.from_args(model_args_from_config(cfg, vocab_size=2, image_token_id=0,
+                                                               audio_token_id=1, audio=False))
+        self.vit, self.projector = model.vision, model.image_projector
         side = cfg.image_size // cfg.patch_size // cfg.pixel_shuffle
         if side != GRID:
             raise SystemExit(f"image_size {cfg.image_size} / patch_size {cfg.patch_size} / pixel_shuffle "
                              f"{cfg.pixel_shuffle} gives {side}x{side} image tokens; this probe needs 3x3")
-        self.projector = Projector(cfg.vit_n_embd, cfg.n_embd, cfg.pixel_shuffle, token_grid=(side, side),
-                                   out_norm=cfg.projector_norm)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.projector(self.vit(images))  # (B, 3, H, W) -> (B, 9, C)
@@ -129,7 +129,6 @@ def accuracy(probe: Probe, val: tuple[torch.Tensor, ...]) -> dict:
 
 def train(name: str, probe: Probe, train_set, val_set, args) -> tuple[dict, float]:
     """args.steps AdamW steps on batches drawn with a fixed seed (both models see the same batches)."""
-    torch.manual_seed(args.seed)
     opt = torch.optim.AdamW(probe.parameters(), lr=args.lr, weight_decay=0.0)
     batch_rng = torch.Generator().manual_seed(args.seed)
     seconds = 0.0

@@ -77,6 +77,20 @@ class MultimodalConfig:
             raise ValueError(f"image_token_id and audio_token_id are both {self.image_token_id}")
 
 
+def model_args_from_config(cfg, vocab_size: int, image_token_id: int, audio_token_id: int, *,
+                           images: bool = True, audio: bool = True) -> dict:
+    """MultimodalConfig's fields from a TrainConfig: the model sizes of config/*.py and --key=value.
+    images / audio: whether the model gets that encoder (train.py: whether the data holds any)."""
+    gpt = dict(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
+               n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, pos_emb=cfg.pos_emb)
+    vision = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, n_layer=cfg.vit_n_layer,
+                  n_head=cfg.vit_n_head, n_embd=cfg.vit_n_embd)
+    audio_encoder = dict(n_layer=cfg.audio_n_layer, n_head=cfg.audio_n_head, n_embd=cfg.audio_n_embd)
+    return dict(gpt=gpt, vision=vision if images else None, audio=audio_encoder if audio else None,
+                pixel_shuffle=cfg.pixel_shuffle, audio_stack=cfg.audio_stack, image_pos_emb=cfg.image_pos_emb,
+                projector_norm=cfg.projector_norm, image_token_id=image_token_id, audio_token_id=audio_token_id)
+
+
 class MultimodalGPT(nn.Module):
     """A GPT whose <|image|> and <|audio|> placeholder positions read projected encoder outputs."""
 
