@@ -19,17 +19,16 @@ patch_size = 8
 pixel_shuffle = 2  # ... merged 2 x 2: 9 image tokens per picture
 audio_stack = 4  # 4 audio encoder frames (80 ms) per token: a 2 s clip is 25 tokens, not 100
 
-# 6000 synthetic clips, 3x TrainConfig's 2000 (~5 s more to build): drawn ~38 times a step, 2000 clips were
-# each heard ~14 times and the audio train loss fell to a tenth of the val loss; with 6000 the audio val loss
-# is 0.05 instead of 0.07 and DTMF accuracy 0.89 instead of 0.84 (README).
+# 6000 synthetic clips, 3x TrainConfig's 2000 (5 s more to build). With 2000, each clip was heard ~14 times
+# and the audio train loss fell to a tenth of the val loss; with 6000 (each heard ~4.5 times) the audio val
+# loss is 0.040-0.044 instead of 0.07-0.17, DTMF 0.86-0.87 instead of 0.83-0.84 (two seeds each; README).
 n_audio = 6000
 
 # how often each example of a task is drawn (1: in proportion to its examples). Text has no task metric, so
-# it keeps a tenth of its share; code is drawn 1.3x as often. Audio clips are drawn 4/3 as often: with
-# 6000 clips, ~38 a step instead of ~16 (4x its share of 2000 clips before; the same clips per step).
-# Learning to name keys and notes starts late and at once (audio val loss 0.79 at step 250, 0.14 at step
-# 500); at 1.3x of 2000 clips the default run never got there (exact match 0.00). Its cost: a fifth fewer
-# code and image answers per step, and ~40 s (README).
+# it keeps a tenth of its share; code is drawn 1.3x as often. Audio clips are drawn 4/3 as often: ~38 clips
+# a step, as 2000 clips drawn 4x gave before. Learning to name keys and notes starts late and at once (audio
+# val loss 0.79 at step 250, 0.14 at step 500); with 2000 clips at 1.3x (~16 a step) the default run never
+# got there (exact match 0.00). Its cost: a fifth fewer code and image answers per step, and ~40 s (README).
 task_weights = {"text": 0.1, "code": 1.3, "audio": 4 / 3}
 
 # Intel CPUs with AMX (Xeon 4th generation and later) multiply bfloat16 in hardware: there bf16 autocast makes
