@@ -64,6 +64,7 @@ class TrainConfig:
     vit_n_embd: int = 128
     pixel_shuffle: int = 1  # merge s x s patches into one token: s^2 fewer image tokens
     image_pos_emb: bool = True  # each image token's place, learned in the GPT's space (projector.Projector)
+    audio_pos_emb: bool = True  # each audio token's place in time, learned in the GPT's space (Projector)
     projector_norm: bool = True  # projected image and audio tokens enter the GPT at a set, large scale (Projector)
     # audio encoder, used when the data has audio
     audio_n_layer: int = 3

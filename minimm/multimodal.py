@@ -52,6 +52,7 @@ class MultimodalConfig:
     pixel_shuffle: int = 1  # image tokens per image = ViT patches / pixel_shuffle^2
     audio_stack: int = 1  # audio tokens per clip = audio encoder frames / audio_stack, rounded up
     image_pos_emb: bool = False  # a learned position per image token in the GPT's space (Projector)
+    audio_pos_emb: bool = False  # a learned position per audio token in the GPT's space (Projector)
     projector_norm: bool = False  # a LayerNorm ends each projector, setting the media tokens' scale (Projector)
     image_token_id: int  # the tokenizer's <|image|>
     audio_token_id: int  # the tokenizer's <|audio|>
@@ -88,7 +89,7 @@ def model_args_from_config(cfg, vocab_size: int, image_token_id: int, audio_toke
     audio_encoder = dict(n_layer=cfg.audio_n_layer, n_head=cfg.audio_n_head, n_embd=cfg.audio_n_embd)
     return dict(gpt=gpt, vision=vision if images else None, audio=audio_encoder if audio else None,
                 pixel_shuffle=cfg.pixel_shuffle, audio_stack=cfg.audio_stack, image_pos_emb=cfg.image_pos_emb,
-                projector_norm=cfg.projector_norm, image_token_id=image_token_id, audio_token_id=audio_token_id)
+                audio_pos_emb=cfg.audio_pos_emb, projector_norm=cfg.projector_norm, image_token_id=image_token_id, audio_token_id=audio_token_id)
 
 
 class MultimodalGPT(nn.Module):
@@ -107,7 +108,9 @@ class MultimodalGPT(nn.Module):
                                              out_norm=config.projector_norm)
         if config.audio is not None:
             self.audio = AudioEncoder(AudioEncoderConfig(**config.audio))
+            max_tokens = audio_tokens(self.audio.config.max_frames, config.audio_stack)
             self.audio_projector = Projector(self.audio.config.n_embd, n_embd, frame_stack=config.audio_stack,
+                                             max_tokens=max_tokens if config.audio_pos_emb else None,
                                              out_norm=config.projector_norm)
 
     @classmethod

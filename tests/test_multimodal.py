@@ -88,6 +88,30 @@ def test_image_tokens_carry_their_place_in_the_grid():
     assert "image_projector.pos_emb" in make_model().state_dict()
 
 
+def test_audio_tokens_carry_their_place_in_time():
+    projector = Projector(5, 8, frame_stack=2, max_tokens=6)
+    assert projector.pos_emb.shape == (6, 8)
+    x = torch.randn(3, 9, 5)  # three clips of 9 encoder frames -> 5 tokens each (the last one padded)
+    plain = projector.mlp(stack_frames(x, 2))  # (3, 5, 8)
+    torch.testing.assert_close(projector(x), plain + projector.pos_emb[:5], rtol=0, atol=0)
+    # one frame content throughout: without the table every token is the same, with it each differs
+    same = torch.randn(1, 1, 5).expand(1, 12, 5)
+    assert torch.unique(projector(same).round(decimals=5), dim=1).shape[1] == 6
+    with pytest.raises(ValueError, match="7 audio tokens"):
+        projector(torch.randn(1, 14, 5))
+    with pytest.raises(ValueError, match="exclude each other"):
+        Projector(5, 8, token_grid=(3, 3), max_tokens=6)
+    # the model sizes the table for its encoder's longest input; a clip's tokens do not depend on the
+    # padding that shares its batch, and old checkpoints (no audio_pos_emb in model_args) have no table
+    model = make_model(audio_pos_emb=True)
+    assert model.audio_projector.pos_emb.shape[0] == audio_tokens(ARGS["audio"]["max_frames"], 1)
+    mels = torch.randn(2, 10, 30)
+    alone = model.audio_projector(model.audio(mels[:1, :, :17], torch.tensor([17])))  # (1, 9, C)
+    batched = model.audio_projector(model.audio(mels, torch.tensor([17, 30])))  # (2, 15, C)
+    torch.testing.assert_close(batched[0, :9], alone[0], rtol=1e-5, atol=1e-5)
+    assert make_model().audio_projector.pos_emb is None
+
+
 def test_projector_norm_sets_the_media_tokens_scale():
     x = torch.randn(2, 36, 5) * 40.0  # encoder outputs far from the GPT's scale
     plain = Projector(5, 16, pixel_shuffle=2, token_grid=(3, 3))
