@@ -11,6 +11,8 @@ What is notable here:
 - `forward(inputs_embeds=...)` lets the multimodal model splice image and audio embeddings into the
   sequence; `generate()` uses a KV cache so each new token costs one position, not the whole prefix.
 - Input and output embeddings are tied (Press & Wolf 2016, https://arxiv.org/abs/1608.05859).
+- `smear` (an option, on in train.py's configs): each position's input also carries a learned map of the
+  previous position's input, so a single attention layer can copy from the prompt (GPT.smear_previous).
 
 Shape letters: B batch, T tokens, C channels (n_embd), nh heads, hs head size (C // nh), V vocabulary.
 """
@@ -38,6 +40,7 @@ class GPTConfig:
     bias: bool = True
     pos_emb: str = "rope"  # "rope" or "learned"
     rope_base: float = 10000.0
+    smear: bool = False  # add a learned map of the previous position's input to each input (GPT.smear_previous)
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -77,6 +80,7 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.pos = 0  # how many positions are filled
+        self.last_input = None  # (B, C) the last position's input embedding, for GPTConfig.smear
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v: (B, nh, T, hs) at the next positions; return all keys and values so far."""
@@ -153,12 +157,16 @@ class GPT(nn.Module):
         ))
         if config.pos_emb == "learned":
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
+        if config.smear:
+            self.transformer.smear = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix reads and writes tokens
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # residual projections: keep the stream's variance flat
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.smear:  # starts as the plain GPT
+            nn.init.zeros_(self.transformer.smear.weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -193,6 +201,8 @@ class GPT(nn.Module):
             x = x + self.transformer.wpe(pos)  # (B, T, C)
         else:
             rope = rope_tables(T, C // self.config.n_head, self.config.rope_base, offset, x.device)
+        if self.config.smear:
+            x = self.smear_previous(x, segment_ids, kv_cache)  # (B, T, C)
         x = self.transformer.drop(x)
         for layer, block in enumerate(self.transformer.h):
             x = block(x, rope, kv_cache, layer, segment_ids)  # (B, T, C)
@@ -211,6 +221,32 @@ class GPT(nn.Module):
         logits = self.lm_head(x)  # (B, T, V)
         loss = ops.cross_entropy(logits, targets, ignore_index=-100, reduction=reduction)
         return (logits if return_logits else None), loss
+
+    def smear_previous(self, x: torch.Tensor, segment_ids: torch.Tensor | None,
+                       kv_cache: KVCache | None) -> torch.Tensor:
+        """x_t + W x_(t-1): each position also carries a learned map of the previous position's input.
+
+        Copying from the prompt ("def parse(self, line):" in the question, the same line to start the
+        answer) is what induction heads do (Olsson et al. 2022, https://arxiv.org/abs/2209.11895): a
+        head in one layer finds the earlier position whose *previous* token equals the current token, and
+        copies what sits there. Plain attention needs a first layer just to fetch "my previous token";
+        this gives it to every position at the input, so a single layer can do the match. modded-nanogpt
+        calls a gated variant "smear". W starts at zero (the plain GPT); a position with no previous one
+        in its example (t = 0, or the first of a packed example) adds nothing.
+        x: (B, T, C) -> (B, T, C).
+        """
+        B, T, C = x.shape
+        first = x.new_zeros(B, 1, C)  # (B, 1, C): before the first position
+        if kv_cache is not None and kv_cache.pos > 0:
+            first = kv_cache.last_input[:, None, :]  # generation: the previous step's input
+        previous = torch.cat([first, x[:, :-1]], dim=1)  # (B, T, C)
+        if segment_ids is not None:  # packed rows: no input crosses into the next example
+            starts = torch.ones_like(segment_ids, dtype=torch.bool)
+            starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]  # (B, T)
+            previous = previous.masked_fill(starts[..., None], 0.0)
+        if kv_cache is not None:
+            kv_cache.last_input = x[:, -1]  # (B, C)
+        return x + self.transformer.smear(previous)  # (B, T, C)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; the tied embedding is counted once, and left out with non_embedding."""

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from minimm import ops
-from minimm.gpt import GPT, GPTConfig
+from minimm.gpt import GPT, GPTConfig, KVCache
 
 
 def tiny(pos_emb="rope", **kw) -> GPT:
@@ -112,6 +112,34 @@ def test_greedy_with_kv_cache_equals_without(pos_emb):
     without = model.generate(idx, 30, temperature=0, use_cache=False)
     assert torch.equal(with_cache, without)
     assert with_cache.shape == (2, 39)
+
+
+def test_smear_adds_the_previous_input_and_keeps_examples_and_the_cache_apart():
+    plain, smeared = tiny().eval(), tiny(smear=True).eval()
+    assert smeared.transformer.smear.weight.abs().sum() == 0  # starts as the plain GPT
+    smeared.load_state_dict(plain.state_dict(), strict=False)
+    idx = torch.randint(0, 101, (2, 17))
+    torch.testing.assert_close(smeared(idx, idx)[0], plain(idx, idx)[0], rtol=0, atol=0)
+    torch.nn.init.normal_(smeared.transformer.smear.weight, std=0.3)
+    # each input is x_t + W x_(t-1), x_(-1) = 0
+    x = smeared.transformer.wte(idx)  # (2, 17, C)
+    shifted = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+    expected = x + shifted @ smeared.transformer.smear.weight.T
+    torch.testing.assert_close(smeared.smear_previous(x, None, None), expected)
+    # packed rows: the second example's outputs do not depend on the first example's tokens
+    seg = torch.tensor([[0] * 7 + [1] * 10] * 2)
+    other = idx.clone()
+    other[:, :7] = torch.randint(0, 101, (2, 7))
+    a, b = smeared(idx, idx, segment_ids=seg)[0], smeared(other, other, segment_ids=seg)[0]
+    torch.testing.assert_close(a[:, 7:], b[:, 7:], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, 6:], b[:, 6:])  # ... while the first example's own outputs do
+    # generation: the KV cache carries the last input over to the next step
+    with_cache = smeared.generate(idx[:, :9], 30, temperature=0)
+    assert torch.equal(with_cache, smeared.generate(idx[:, :9], 30, temperature=0, use_cache=False))
+    cache = KVCache(smeared.config, 2, idx.device, torch.float32)
+    smeared(idx[:, :9], kv_cache=cache)
+    step, _ = smeared(idx[:, 9:10], kv_cache=cache)  # (2, 1, V): one position, its previous from the cache
+    torch.testing.assert_close(step, smeared(idx[:, :10])[0], rtol=1e-5, atol=1e-5)
 
 
 def test_generate_stops_and_streams():

@@ -187,6 +187,24 @@ def test_add_mul_scale(dev):
     check(dev, lambda x: (x + x) * x, lambda x: (x + x) * x, a)  # one tensor used three times
 
 
+@pytest.mark.parametrize("masked", [False, True])
+def test_shift_time(dev, masked):
+    """Each position's previous one (GPT.smear_previous): zeros at t = 0 and, masked, at packed starts."""
+    x = randn(3, 7, 11, seed=1)
+    keep = np.ones((3, 7), np.int32)
+    keep[:, 0] = 0
+    if masked:
+        keep[0, 3] = keep[2, 5] = 0  # a new packed example starts there
+
+    def reference(x):
+        shifted = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
+        return shifted * torch.from_numpy(keep).float()[..., None]
+    check(dev, lambda x: Fcl.shift_time(x, keep=keep if masked else None), reference, x)
+    first = randn(3, 1, 11, seed=2)  # generation: the KV cache's last input comes first
+    out = Fcl.shift_time(to_cl(dev, x), to_cl(dev, first))
+    np.testing.assert_allclose(out.numpy(), torch.cat([first, x[:, :-1]], dim=1).numpy(), atol=0)
+
+
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("approximate", ["tanh", "none"])
 def test_gelu_with_bias(dev, with_bias, approximate):

@@ -20,6 +20,7 @@ import torch
 pytest.importorskip("pyopencl", reason="pyopencl is not installed: pip install pyopencl pocl-binary-distribution")
 from minimm.gpt import GPT, GPTConfig  # noqa: E402
 from minimm.opencl import OpenCLGPT, OpenCLTrainer, load_gpt  # noqa: E402
+from minimm.opencl.model import KVCache  # noqa: E402
 from minimm.opencl.runtime import is_available  # noqa: E402
 from minimm.training import configure_optimizer  # noqa: E402
 
@@ -77,6 +78,32 @@ def test_segment_ids_keep_packed_examples_apart():
     cl_logits, cl_loss = cl(x, y, segment_ids=segments)
     np.testing.assert_allclose(cl_logits.numpy(), logits.numpy(), atol=ATOL)
     assert abs(cl_loss.item() - loss.item()) < 1e-5
+
+
+@pytest.mark.parametrize("pos_emb", ["rope", "learned"])
+def test_smear_matches_torch_packed_cached_and_in_gradients(pos_emb):
+    model = small_gpt(seed=7, smear=True, pos_emb=pos_emb).train()  # smear weight ~0.05 after the noise
+    cl = OpenCLGPT.from_torch(model)
+    x, y = batch(8, B=2, T=13)
+    segments = torch.tensor([[0] * 4 + [1] * 9, [0] * 10 + [1] * 3])  # the first example of each row ends early
+    logits, loss = model(x, y, segment_ids=segments)
+    loss.backward()
+    cl_logits, cl_loss = cl(x, y, segment_ids=segments)
+    np.testing.assert_allclose(cl_logits.numpy(), logits.detach().numpy(), atol=ATOL)
+    trainer = OpenCLTrainer(cl, learning_rate=1e-2, betas=(0.9, 0.95), weight_decay=0.1, grad_clip=1.0)
+    trainer.backward(x, y, segment_ids=segments)
+    for name, p in model.named_parameters():  # the shift's backward included (smear and wte grads)
+        np.testing.assert_allclose(cl.params[name].grad.numpy(), p.grad.numpy(), atol=1e-5, rtol=1e-4,
+                                   err_msg=name)
+    # generation: the KV cache hands the last input to the next step, as GPT's does
+    prompt = batch(9, B=2, T=5)[0]
+    expected = model.eval().generate(prompt, max_new_tokens=25, temperature=0)
+    assert torch.equal(cl.generate(prompt, max_new_tokens=25, temperature=0), expected)
+    cache = KVCache(cl.config, 2, cl.device)
+    cl(expected[:, :9], kv_cache=cache)
+    step = cl(expected[:, 9:10], kv_cache=cache)[0]  # (2, 1, V): its previous input from the cache
+    with torch.no_grad():
+        np.testing.assert_allclose(step.numpy(), model(expected[:, :10])[0].numpy(), atol=ATOL)
 
 
 def test_checkpoint_with_compile_prefixes_loads():

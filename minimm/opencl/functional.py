@@ -241,6 +241,23 @@ def cross_entropy(logits: Tensor, targets, ignore_index: int = -100, reduction: 
     return record(loss, (logits,), backward)
 
 
+def shift_time(x: Tensor, first: Tensor | None = None, keep=None) -> Tensor:
+    """Each position's previous one: out[:, t] = x[:, t - 1], out[:, 0] = first (B, C) or 0; where the
+    host mask keep (B, T) is 0 (a packed example's first position) out is 0. (B, T, C) -> (B, T, C).
+    Differentiable in x (first, a KV cache's last input, is not)."""
+    B, T, C = x.shape
+    out = Tensor(x.device, x.shape)
+    mask = None if keep is None else Tensor.from_numpy(x.device, np.asarray(keep).astype(np.int32))
+    elementwise.shift_time(x.device, B, T, C, x.buf, None if first is None else first.buf,
+                           None if mask is None else mask.buf, out.buf)
+
+    def backward(dy: Tensor) -> None:
+        buf, accumulate = grad_buffer(x)
+        elementwise.shift_time_backward(x.device, B, T, C, dy.buf, None if mask is None else mask.buf, buf,
+                                        accumulate)
+    return record(out, (x,), backward)
+
+
 def select_time(x: Tensor, t: int) -> Tensor:
     """x[:, t]: (B, T, C) -> (B, 1, C). Not differentiable (generation reads the last position)."""
     B, T, C = x.shape

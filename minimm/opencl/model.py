@@ -38,6 +38,7 @@ class KVCache:
         self.k = [Tensor(device, shape) for _ in range(config.n_layer)]
         self.v = [Tensor(device, shape) for _ in range(config.n_layer)]
         self.pos = 0
+        self.last_input = None  # (B, 1, C) the last position's input, for GPTConfig.smear
 
 
 class OpenCLGPT:
@@ -74,6 +75,13 @@ class OpenCLGPT:
             if cfg.pos_emb == "learned":
                 positions = np.broadcast_to(np.arange(offset, offset + T), (B, T))
                 x = F.add(x, F.embedding(positions, p("transformer.wpe.weight")))  # (B, T, C)
+        if cfg.smear:  # GPT.smear_previous: x + W x_(t-1), kept inside each packed example
+            first = kv_cache.last_input if kv_cache is not None and offset > 0 else None  # (B, 1, C)
+            keep = None if segment_ids is None else np.concatenate(
+                [np.zeros((B, 1), np.int32), segment_ids[:, 1:] == segment_ids[:, :-1]], axis=1)  # (B, T)
+            if kv_cache is not None:
+                kv_cache.last_input = F.select_time(x, -1)  # (B, 1, C)
+            x = F.linear(F.shift_time(x, first, keep), p("transformer.smear.weight"), residual=x)  # (B, T, C)
         for layer in range(cfg.n_layer):
             h = f"transformer.h.{layer}."
             a = F.layer_norm(x, p(h + "ln_1.weight"), p(h + "ln_1.bias"))  # (B, T, C)
@@ -212,6 +220,8 @@ def expected_parameter_names(config: GPTConfig) -> set[str]:
     names = {"transformer.wte.weight", "transformer.ln_f.weight"}
     if config.pos_emb == "learned":
         names.add("transformer.wpe.weight")
+    if config.smear:
+        names.add("transformer.smear.weight")
     for layer in range(config.n_layer):
         h = f"transformer.h.{layer}."
         names |= {h + "ln_1.weight", h + "ln_2.weight", h + "attn.c_attn.weight", h + "attn.c_proj.weight",

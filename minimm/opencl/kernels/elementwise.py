@@ -1,4 +1,4 @@
-"""Element-wise kernels: a * x + b * y, products, GELU with its bias, bias gradients, a time step.
+"""Element-wise kernels: a * x + b * y, products, GELU with its bias, bias gradients, time steps.
 
 - One kernel `axpby` (BLAS's name for alpha * x + beta * y) is the residual add, the gradient
   accumulation, the scale and the copy: fewer kernels to read, one to test.
@@ -10,7 +10,10 @@
 - `column_sum` turns a (rows, cols) gradient into a bias gradient with one work-item per column and a
   sequential loop over rows: deterministic, unlike atomics.
 
-Shapes: n elements; rows x cols matrices stored row-major; (B, T, C) for the time step.
+- `shift_time` moves every position one step later in time (GPT.smear_previous's "previous input"),
+  with a mask that keeps packed examples apart; its backward moves the gradient one step earlier.
+
+Shapes: n elements; rows x cols matrices stored row-major; (B, T, C) for the time steps.
 """
 from __future__ import annotations
 
@@ -83,6 +86,27 @@ __kernel void column_sum(const int rows, const int cols, __global const float* x
     out[col] = accumulate ? out[col] + total : total;
 }
 
+/* out[b, t, c] = x[b, t - 1, c] where keep[b, t] (NULL: everywhere but t = 0), else 0; at t = 0 first[b, c]
+   when first is given (a KV cache's last input), else 0. The previous position of each row, for smear */
+__kernel void shift_time(const int B, const int T, const int C, __global const float* x,
+                         __global const float* first, __global const int* keep, __global float* out) {
+    const int i = get_global_id(0);
+    if (i >= B * T * C) return;
+    const int c = i % C, t = (i / C) % T, b = i / (T * C);
+    if (t == 0) out[i] = first ? first[b * C + c] : 0.0f;
+    else out[i] = (!keep || keep[b * T + t]) ? x[i - C] : 0.0f;
+}
+
+/* its backward: dx[b, t, c] (+)= dy[b, t + 1, c] where position t + 1 took its previous, else 0 */
+__kernel void shift_time_backward(const int B, const int T, const int C, __global const float* dy,
+                                  __global const int* keep, __global float* dx, const int accumulate) {
+    const int i = get_global_id(0);
+    if (i >= B * T * C) return;
+    const int t = (i / C) % T, b = i / (T * C);
+    const float g = (t + 1 < T && (!keep || keep[b * T + t + 1])) ? dy[i + C] : 0.0f;
+    dx[i] = accumulate ? dx[i] + g : g;
+}
+
 /* out[b, c] = x[b, t, c]: one time step of a (B, T, C) tensor */
 __kernel void select_time(const int B, const int T, const int C, const int t, __global const float* x,
                           __global float* out) {
@@ -113,6 +137,15 @@ def bias_gelu_backward(device: Device, rows: int, cols: int, z, bias, dout, dz, 
 
 def column_sum(device: Device, rows: int, cols: int, x, out, accumulate: bool = False) -> None:
     launch_elements(device, device.kernel(SOURCE, "column_sum"), cols, rows, cols, x, out, int(accumulate))
+
+
+def shift_time(device: Device, B: int, T: int, C: int, x, first, keep, out) -> None:
+    launch_elements(device, device.kernel(SOURCE, "shift_time"), B * T * C, B, T, C, x, first, keep, out)
+
+
+def shift_time_backward(device: Device, B: int, T: int, C: int, dy, keep, dx, accumulate: bool) -> None:
+    launch_elements(device, device.kernel(SOURCE, "shift_time_backward"), B * T * C, B, T, C, dy, keep, dx,
+                    int(accumulate))
 
 
 def select_time(device: Device, B: int, T: int, C: int, t: int, x, out) -> None:
