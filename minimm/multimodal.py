@@ -90,7 +90,8 @@ def model_args_from_config(cfg, vocab_size: int, image_token_id: int, audio_toke
     audio_encoder = dict(n_layer=cfg.audio_n_layer, n_head=cfg.audio_n_head, n_embd=cfg.audio_n_embd)
     return dict(gpt=gpt, vision=vision if images else None, audio=audio_encoder if audio else None,
                 pixel_shuffle=cfg.pixel_shuffle, audio_stack=cfg.audio_stack, image_pos_emb=cfg.image_pos_emb,
-                audio_pos_emb=cfg.audio_pos_emb, projector_norm=cfg.projector_norm, image_token_id=image_token_id, audio_token_id=audio_token_id)
+                audio_pos_emb=cfg.audio_pos_emb, projector_norm=cfg.projector_norm, image_token_id=image_token_id,
+                audio_token_id=audio_token_id)
 
 
 class MultimodalGPT(nn.Module):
