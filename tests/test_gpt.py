@@ -159,7 +159,7 @@ def test_generate_stops_at_block_size():
 
 def test_sampling_filters():
     torch.manual_seed(0)
-    from minimm.gpt import sample_next
+    from minimm.sampling import sample_next
     logits = torch.tensor([[0.0, 5.0, 4.9, -3.0]])
     picks = {int(sample_next(logits, 1.0, top_k=2, top_p=None)) for _ in range(200)}
     assert picks == {1, 2}

@@ -8,7 +8,7 @@ What is notable here:
 - Generation keeps a KV cache on the device: each new token costs one position per layer; keys and
   values are written straight into the cache by the kernel that splits the heads, and attention over
   the cache is one fused kernel (launches, not arithmetic, are what a generation step spends).
-- Sampling (temperature, top-k, top-p) happens on the host with minimm.gpt.decode_loop, on the (B, V)
+- Sampling (temperature, top-k, top-p) happens on the host with minimm.sampling.decode_loop, on the (B, V)
   logits of the last position, so both backends sample the same way.
 - Dropout is not implemented: forward() is the eval-mode function (the trainer refuses dropout > 0).
 
@@ -22,7 +22,8 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from minimm.gpt import GPTConfig, decode_loop, rope_tables
+from minimm.gpt import GPTConfig, rope_tables
+from minimm.sampling import decode_loop
 from minimm.opencl import attention as A
 from minimm.opencl import functional as F
 from minimm.opencl.runtime import Device, get_device
