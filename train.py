@@ -132,15 +132,15 @@ if cfg.init_from == "resume":
     model.load_state_dict({k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()})
 model.to(device)
 optimizer = configure_optimizer(model, cfg.weight_decay, cfg.learning_rate, (cfg.beta1, cfg.beta2), device_type,
-                                lr_scales={part: cfg.media_lr_scale for part in MEDIA_PARTS})
+                                lr_scales={part: cfg.media_lr_scale for part in MEDIA_PARTS}, optimizer=cfg.optimizer)
 if cfg.init_from == "resume":
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"]["torch"].cpu())
 opencl_trainer = None
 if opencl:
-    if model_args["vision"] or model_args["audio"] or cfg.lora_rank or cfg.dropout:
-        sys.exit("--device=opencl trains the text decoder (no images, audio, LoRA or dropout yet)")
+    if model_args["vision"] or model_args["audio"] or cfg.lora_rank or cfg.dropout or cfg.optimizer != "adamw":
+        sys.exit("--device=opencl trains the text decoder with AdamW (no images, audio, LoRA, dropout or Muon yet)")
     from minimm.opencl import OpenCLGPT, OpenCLTrainer
     opencl_trainer = OpenCLTrainer(OpenCLGPT.from_torch(model.gpt, cfg.device), cfg.learning_rate,
                                    (cfg.beta1, cfg.beta2), cfg.weight_decay, cfg.grad_clip)

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minimm.config import load_config  # noqa: E402
 from minimm.multimodal import MultimodalGPT, model_args_from_config  # noqa: E402
+from minimm.training import configure_optimizer  # noqa: E402
 from minimm.vit import to_tensor  # noqa: E402
 from prepare.shapes import COLORS, SHAPES, WORDS, make_example, split_seed  # noqa: E402
 
@@ -128,8 +129,8 @@ def accuracy(probe: Probe, val: tuple[torch.Tensor, ...]) -> dict:
 
 
 def train(name: str, probe: Probe, train_set, val_set, args) -> tuple[dict, float]:
-    """args.steps AdamW steps on batches drawn with a fixed seed (both models see the same batches)."""
-    opt = torch.optim.AdamW(probe.parameters(), lr=args.lr, weight_decay=0.0)
+    """args.steps steps of args.optimizer on batches drawn with a fixed seed (both models see the same batches)."""
+    opt = configure_optimizer(probe, 0.0, args.lr, (0.9, 0.999), "cpu", optimizer=args.optimizer)
     batch_rng = torch.Generator().manual_seed(args.seed)
     seconds = 0.0
     for step in range(1, args.steps + 1):
@@ -159,6 +160,7 @@ def main() -> None:
     parser.add_argument("--eval_every", type=int, default=300)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--models", default="vit,cnn", help="which encoders to train, in this order")
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="minimm/muon.py")
     args = parser.parse_args()
     names = args.models.split(",")
     if not set(names) <= {"vit", "cnn"}:

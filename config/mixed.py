@@ -36,7 +36,11 @@ task_weights = {"text": 0.1, "code": 1.3, "audio": 4 / 3}
 dtype = "bfloat16" if minimm.training.cpu_has_amx() and not torch.cuda.is_available() else "auto"
 
 batch_size = 16
-max_iters = 720
+# Muon for every Linear weight (minimm/muon.py). Same data and seed, against AdamW's 720 steps: val loss code 1.84
+# -> 1.68, image 0.50 -> 0.47, audio 0.034 -> 0.013 in 640 steps, which take about as long as AdamW's 720 (its
+# Newton-Schulz iterations add ~0.13 s to a step); at 720 steps it would pass 15 minutes on a slow hour (README).
+optimizer = "muon"
+max_iters = 640
 learning_rate = 2e-3
 # the ViT, the audio encoder and their projectors learn at half the GPT's rate. At the full rate the GPT
 # learned to answer image questions from priors ("yellow", "bottom left"); at half, the image val loss fell

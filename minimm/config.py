@@ -93,6 +93,7 @@ class TrainConfig:
     min_lr: float = 1e-5
     warmup_iters: int = 100
     lr_decay_iters: typing.Optional[int] = None  # None: max_iters
+    optimizer: str = "adamw"  # or "muon": Muon for the Linear weights, AdamW for the rest (minimm/muon.py)
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99

@@ -3,7 +3,8 @@
 What this file teaches:
 - AdamW (Loshchilov & Hutter 2017, https://arxiv.org/abs/1711.05101) with weight decay on matrices only:
   biases and norm gains are not pulled towards zero. Only parameters that require grad are handed to the
-  optimizer, so a frozen base (LoRA, freeze flags) holds no optimizer state at all.
+  optimizer, so a frozen base (LoRA, freeze flags) holds no optimizer state at all. `optimizer="muon"`
+  hands the nn.Linear weights to Muon instead (minimm/muon.py), with the same groups and schedule.
 - The schedule: linear warmup, then a cosine from learning_rate down to min_lr at lr_decay_iters. A group
   of parameters may follow it at a multiple (lr_scales: the media encoders at media_lr_scale).
 - Token-weighted gradient accumulation: the loss of a step is the sum of per-token losses over every
@@ -23,25 +24,38 @@ import torch
 import torch.nn as nn
 
 from minimm.data import Batches
+from minimm.muon import Muon
 
 
 def configure_optimizer(model: nn.Module, weight_decay: float, learning_rate: float,
                         betas: tuple[float, float], device_type: str,
-                        lr_scales: dict[str, float] | None = None) -> torch.optim.AdamW:
-    """AdamW over the parameters that require grad. lr_scales: {name prefix: multiplier}; each group keeps
-    its multiplier as "lr_scale", and the loop sets group["lr"] = lr * group["lr_scale"] every step."""
+                        lr_scales: dict[str, float] | None = None,
+                        optimizer: str = "adamw") -> torch.optim.Optimizer:
+    """AdamW (optimizer="adamw") or Muon (minimm/muon.py: Muon for nn.Linear weights, AdamW for the rest)
+    over the parameters that require grad. lr_scales: {name prefix: multiplier}; each group keeps its
+    multiplier as "lr_scale", and the loop sets group["lr"] = lr * group["lr_scale"] every step."""
+    if optimizer not in ("adamw", "muon"):
+        raise ValueError(f"optimizer must be 'adamw' or 'muon', not {optimizer!r}")
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}  # wte is also lm_head
+    linears = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)} - embeddings
 
     def scale_of(name: str) -> float:
         return next((s for prefix, s in (lr_scales or {}).items() if name.startswith(prefix)), 1.0)
 
     groups = []
     for scale in sorted({scale_of(n) for n, _ in params}):
-        mine = [(n, p) for n, p in params if scale_of(n) == scale]
-        groups.append({"params": [p for n, p in mine if p.dim() >= 2], "weight_decay": weight_decay,
+        mine = [p for n, p in params if scale_of(n) == scale]
+        muon = [p for p in mine if optimizer == "muon" and id(p) in linears]
+        adam = [p for p in mine if not (optimizer == "muon" and id(p) in linears)]
+        groups.append({"params": muon, "weight_decay": weight_decay, "lr_scale": scale, "muon": True})
+        groups.append({"params": [p for p in adam if p.dim() >= 2], "weight_decay": weight_decay,
                        "lr_scale": scale})
-        groups.append({"params": [p for n, p in mine if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale})
+        groups.append({"params": [p for p in adam if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale})
     groups = [g for g in groups if g["params"]]
+    if optimizer == "muon":
+        fast_bf16 = device_type == "cuda" or (device_type == "cpu" and cpu_has_amx())
+        return Muon(groups, lr=learning_rate, betas=betas, ns_dtype=torch.bfloat16 if fast_bf16 else torch.float32)
     fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 

@@ -72,11 +72,12 @@ def test_train_writes_everything_and_sample_answers(tmp_path, data_file):
     assert proc.returncode != 0 and "python train.py" in proc.stderr
 
 
-def test_resume_equals_uninterrupted(tmp_path, data_file):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_equals_uninterrupted(tmp_path, data_file, optimizer):
     straight, split = tmp_path / "a", tmp_path / "b"
-    train(straight, data_file, "--max_iters=8")
-    train(split, data_file, "--max_iters=4")
-    train(split, data_file, "--max_iters=8", "--init_from=resume")
+    train(straight, data_file, "--max_iters=8", f"--optimizer={optimizer}")
+    train(split, data_file, "--max_iters=4", f"--optimizer={optimizer}")
+    train(split, data_file, "--max_iters=8", "--init_from=resume", f"--optimizer={optimizer}")
     a, b = train_losses(straight / "out"), train_losses(split / "out")
     assert sorted(a) == sorted(b) == list(range(1, 9))
     for step in a:

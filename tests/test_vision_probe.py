@@ -45,7 +45,7 @@ def test_both_encoders_give_one_token_per_cell():
 
 def test_script_runs_and_prints_both_models():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "vision_probe.py"), "--steps", "3", "--eval_every",
-                          "3", "--n_train", "40", "--n_val", "30", "--batch_size", "8"],
+                          "3", "--n_train", "40", "--n_val", "30", "--batch_size", "8", "--optimizer", "muon"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
     rows = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines()
