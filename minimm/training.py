@@ -39,6 +39,7 @@ def configure_optimizer(model: nn.Module, weight_decay: float, learning_rate: fl
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}  # wte is also lm_head
     linears = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)} - embeddings
+    to_muon = linears if optimizer == "muon" else set()
 
     def scale_of(name: str) -> float:
         return next((s for prefix, s in (lr_scales or {}).items() if name.startswith(prefix)), 1.0)
@@ -46,8 +47,8 @@ def configure_optimizer(model: nn.Module, weight_decay: float, learning_rate: fl
     groups = []
     for scale in sorted({scale_of(n) for n, _ in params}):
         mine = [p for n, p in params if scale_of(n) == scale]
-        muon = [p for p in mine if optimizer == "muon" and id(p) in linears]
-        adam = [p for p in mine if not (optimizer == "muon" and id(p) in linears)]
+        muon = [p for p in mine if id(p) in to_muon]
+        adam = [p for p in mine if id(p) not in to_muon]
         groups.append({"params": muon, "weight_decay": weight_decay, "lr_scale": scale, "muon": True})
         groups.append({"params": [p for p in adam if p.dim() >= 2], "weight_decay": weight_decay,
                        "lr_scale": scale})
