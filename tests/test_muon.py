@@ -43,6 +43,35 @@ def test_first_muon_step_is_the_scaled_orthogonalized_gradient():
     torch.testing.assert_close(p.detach(), expected, atol=1e-6, rtol=1e-5)
 
 
+def test_matrices_of_one_shape_are_orthogonalized_together_as_each_alone():
+    """step() stacks the matrices of one shape (a tall one turned wide) into one batched Newton-Schulz; each
+    result equals orthogonalize of that matrix alone, with its own group's lr and weight decay. Two steps,
+    so the momentum buffers count too; atol 1e-5: a batched matmul may round differently from a single one."""
+    torch.manual_seed(3)
+    shapes = [(13, 29), (29, 13), (13, 29), (8, 8)]
+    params = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+    groups = [{"params": params[:2], "muon": True, "weight_decay": 0.1, "lr": 0.01},
+              {"params": params[2:], "muon": True, "weight_decay": 0.0, "lr": 0.03}]
+    opt = Muon(groups, lr=0.01)
+    expected = [p.detach().clone() for p in params]
+    buffers = [torch.zeros(shape) for shape in shapes]
+    for _ in range(2):
+        grads = [torch.randn(shape) for shape in shapes]
+        for i, (p, g) in enumerate(zip(params, grads)):
+            p.grad = g.clone()
+            lr, wd = (0.01, 0.1) if i < 2 else (0.03, 0.0)
+            buffers[i] = 0.95 * buffers[i] + 0.05 * g
+            nesterov = 0.05 * g + 0.95 * buffers[i]
+            expected[i] = (expected[i] * (1 - lr * wd)
+                           - lr * RMS_MATCH * math.sqrt(max(p.shape)) * orthogonalize(nesterov))
+        opt.step()
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.detach(), e, atol=1e-5, rtol=1e-4)
+    stack = torch.randn(3, 13, 29)  # orthogonalize itself takes a stack: (N, out, in)
+    torch.testing.assert_close(orthogonalize(stack), torch.stack([orthogonalize(m) for m in stack]),
+                               atol=1e-5, rtol=1e-4)
+
+
 def test_the_adamw_groups_step_exactly_as_torch_adamw():
     """The non-Muon half is AdamW written out: five steps equal torch.optim.AdamW's to float32 rounding."""
     torch.manual_seed(2)
