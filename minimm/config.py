@@ -55,7 +55,7 @@ class TrainConfig:
     dropout: float = 0.0
     bias: bool = True
     pos_emb: str = "rope"
-    smear: bool = True  # each input also carries a learned map of the previous one (gpt.GPT.smear_previous)
+    smear: int = 1  # each input also carries learned maps of the previous 1 or 2 inputs (gpt.GPT.smear_previous)
     # vision encoder, used when the data has images
     image_size: int = 48
     patch_size: int = 8

@@ -13,7 +13,8 @@ What is notable here:
   (picking each token: minimm/sampling.py, shared with the OpenCL backend).
 - Input and output embeddings are tied (Press & Wolf 2016, https://arxiv.org/abs/1608.05859).
 - `smear` (an option, on in train.py's configs): each position's input also carries a learned map of the
-  previous position's input, so a single attention layer can copy from the prompt (GPT.smear_previous).
+  previous position's input (smear=2: of the previous two), so a single attention layer can copy from the
+  prompt (GPT.smear_previous).
 
 Shape letters: B batch, T tokens, C channels (n_embd), nh heads, hs head size (C // nh), V vocabulary.
 """
@@ -42,11 +43,13 @@ class GPTConfig:
     bias: bool = True
     pos_emb: str = "rope"  # "rope" or "learned"
     rope_base: float = 10000.0
-    smear: bool = False  # add a learned map of the previous position's input to each input (GPT.smear_previous)
+    smear: int = 0  # add learned maps of the previous 1 or 2 positions' inputs to each input (GPT.smear_previous)
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
+        if int(self.smear) not in (0, 1, 2):
+            raise ValueError(f"smear={self.smear}: expected 0 (off), 1 (the previous input) or 2 (the previous two)")
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"rotary positions turn channel pairs: the head size n_embd / n_head = "
                              f"{self.n_embd // self.n_head} must be even")
@@ -82,7 +85,7 @@ class KVCache:
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
         self.pos = 0  # how many positions are filled
-        self.last_input = None  # (B, C) the last position's input embedding, for GPTConfig.smear
+        self.last_inputs = []  # the last positions' input embeddings, newest first, each (B, C): GPTConfig.smear
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v: (B, nh, T, hs) at the next positions; return all keys and values so far."""
@@ -159,16 +162,18 @@ class GPT(nn.Module):
         ))
         if config.pos_emb == "learned":
             self.transformer.wpe = nn.Embedding(config.block_size, config.n_embd)
-        if config.smear:
+        if config.smear:  # smear: the map of x_(t-1); smear2: of x_(t-2)
             self.transformer.smear = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        if config.smear >= 2:
+            self.transformer.smear2 = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied: one matrix reads and writes tokens
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # residual projections: keep the stream's variance flat
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
-        if config.smear:  # starts as the plain GPT
-            nn.init.zeros_(self.transformer.smear.weight)
+        for back in range(1, int(config.smear) + 1):  # starts as the plain GPT
+            nn.init.zeros_(self.smear_map(back).weight)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
@@ -224,31 +229,45 @@ class GPT(nn.Module):
         loss = ops.cross_entropy(logits, targets, ignore_index=-100, reduction=reduction)
         return (logits if return_logits else None), loss
 
+    def smear_map(self, back: int) -> nn.Linear:
+        """The learned map of the input `back` positions earlier (1 or 2)."""
+        return self.transformer.smear if back == 1 else self.transformer.smear2
+
     def smear_previous(self, x: torch.Tensor, segment_ids: torch.Tensor | None,
                        kv_cache: KVCache | None) -> torch.Tensor:
-        """x_t + W x_(t-1): each position also carries a learned map of the previous position's input.
+        """x_t + W1 x_(t-1) (+ W2 x_(t-2) with smear=2): each position also carries learned maps of the
+        previous inputs.
 
         Copying from the prompt ("def parse(self, line):" in the question, the same line to start the
         answer) is what induction heads do (Olsson et al. 2022, https://arxiv.org/abs/2209.11895): a
         head in one layer finds the earlier position whose *previous* token equals the current token, and
         copies what sits there. Plain attention needs a first layer just to fetch "my previous token";
         this gives it to every position at the input, so a single layer can do the match. modded-nanogpt
-        calls a gated variant "smear". W starts at zero (the plain GPT); a position with no previous one
-        in its example (t = 0, or the first of a packed example) adds nothing.
+        calls a gated variant "smear". With smear=2 a position also carries the token before that, so the
+        match can be on two tokens: after "test, " in "def addSkip(self, test, reason):" one earlier
+        position follows ", " preceded by "test", while two follow ", " alone (the next word is "test" or
+        "reason"). Each W starts at zero (the plain GPT); an input from before the example's first
+        position (t = 0, or the start of a packed example) adds nothing.
         x: (B, T, C) -> (B, T, C).
         """
         B, T, C = x.shape
-        first = x.new_zeros(B, 1, C)  # (B, 1, C): before the first position
-        if kv_cache is not None and kv_cache.pos > 0:
-            first = kv_cache.last_input[:, None, :]  # generation: the previous step's input
-        previous = torch.cat([first, x[:, :-1]], dim=1)  # (B, T, C)
+        cached = kv_cache.last_inputs if kv_cache is not None and kv_cache.pos > 0 else []
+        starts = None
         if segment_ids is not None:  # packed rows: no input crosses into the next example
             starts = torch.ones_like(segment_ids, dtype=torch.bool)
             starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]  # (B, T)
-            previous = previous.masked_fill(starts[..., None], 0.0)
-        if kv_cache is not None:
-            kv_cache.last_input = x[:, -1]  # (B, C)
-        return x + self.transformer.smear(previous)  # (B, T, C)
+        out, shifted = x, x
+        for back in range(1, int(self.config.smear) + 1):
+            # shifted[:, t] = the input `back` positions before t; before this call's first, from the cache
+            first = cached[back - 1] if back <= len(cached) else x.new_zeros(B, C)  # (B, C)
+            shifted = torch.cat([first[:, None], shifted[:, :-1]], dim=1)  # (B, T, C)
+            if starts is not None:  # shifting twice masks both x_(t-1) and x_(t-2) at a start
+                shifted = shifted.masked_fill(starts[..., None], 0.0)
+            out = out + self.smear_map(back)(shifted)
+        if kv_cache is not None:  # the newest inputs, newest first, for the next call
+            kv_cache.last_inputs = ([x[:, T - 1 - j] for j in range(min(T, self.config.smear))]
+                                    + cached)[:self.config.smear]
+        return out  # (B, T, C)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; the tied embedding is counted once, and left out with non_embedding."""

@@ -114,17 +114,22 @@ def test_greedy_with_kv_cache_equals_without(pos_emb):
     assert with_cache.shape == (2, 39)
 
 
-def test_smear_adds_the_previous_input_and_keeps_examples_and_the_cache_apart():
-    plain, smeared = tiny().eval(), tiny(smear=True).eval()
-    assert smeared.transformer.smear.weight.abs().sum() == 0  # starts as the plain GPT
+@pytest.mark.parametrize("smear", [1, 2])
+def test_smear_adds_the_previous_inputs_and_keeps_examples_and_the_cache_apart(smear):
+    plain, smeared = tiny().eval(), tiny(smear=smear).eval()
+    maps = [smeared.smear_map(back).weight for back in range(1, smear + 1)]
+    assert all(w.abs().sum() == 0 for w in maps)  # starts as the plain GPT
     smeared.load_state_dict(plain.state_dict(), strict=False)
     idx = torch.randint(0, 101, (2, 17))
     torch.testing.assert_close(smeared(idx, idx)[0], plain(idx, idx)[0], rtol=0, atol=0)
-    torch.nn.init.normal_(smeared.transformer.smear.weight, std=0.3)
-    # each input is x_t + W x_(t-1), x_(-1) = 0
+    for w in maps:
+        torch.nn.init.normal_(w, std=0.3)
+    # each input is x_t + W1 x_(t-1) (+ W2 x_(t-2)), x_(-1) = x_(-2) = 0
     x = smeared.transformer.wte(idx)  # (2, 17, C)
-    shifted = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
-    expected = x + shifted @ smeared.transformer.smear.weight.T
+    expected = x.clone()
+    for back, w in enumerate(maps, start=1):
+        shifted = torch.cat([torch.zeros_like(x[:, :back]), x[:, :-back]], dim=1)
+        expected = expected + shifted @ w.T
     torch.testing.assert_close(smeared.smear_previous(x, None, None), expected)
     # packed rows: the second example's outputs do not depend on the first example's tokens
     seg = torch.tensor([[0] * 7 + [1] * 10] * 2)
@@ -133,13 +138,23 @@ def test_smear_adds_the_previous_input_and_keeps_examples_and_the_cache_apart():
     a, b = smeared(idx, idx, segment_ids=seg)[0], smeared(other, other, segment_ids=seg)[0]
     torch.testing.assert_close(a[:, 7:], b[:, 7:], rtol=0, atol=1e-6)
     assert not torch.allclose(a[:, 6:], b[:, 6:])  # ... while the first example's own outputs do
-    # generation: the KV cache carries the last input over to the next step
+    # generation: the KV cache carries the last inputs over to the next steps
     with_cache = smeared.generate(idx[:, :9], 30, temperature=0)
     assert torch.equal(with_cache, smeared.generate(idx[:, :9], 30, temperature=0, use_cache=False))
     cache = KVCache(smeared.config, 2, idx.device, torch.float32)
     smeared(idx[:, :9], kv_cache=cache)
-    step, _ = smeared(idx[:, 9:10], kv_cache=cache)  # (2, 1, V): one position, its previous from the cache
-    torch.testing.assert_close(step, smeared(idx[:, :10])[0], rtol=1e-5, atol=1e-5)
+    for t in (9, 10):  # one position at a time: its previous inputs from the cache, then one from each
+        step, _ = smeared(idx[:, t:t + 1], kv_cache=cache)  # (2, 1, V)
+        torch.testing.assert_close(step, smeared(idx[:, :t + 1])[0], rtol=1e-5, atol=1e-5)
+    cache = KVCache(smeared.config, 2, idx.device, torch.float32)
+    smeared(idx[:, :1], kv_cache=cache)  # a one-token prompt: nothing two back yet
+    step, _ = smeared(idx[:, 1:2], kv_cache=cache)
+    torch.testing.assert_close(step, smeared(idx[:, :2])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_smear_must_be_0_1_or_2():
+    with pytest.raises(ValueError, match="smear=3"):
+        GPTConfig(smear=3)
 
 
 def test_generate_stops_and_streams():

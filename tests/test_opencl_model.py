@@ -80,9 +80,9 @@ def test_segment_ids_keep_packed_examples_apart():
     assert abs(cl_loss.item() - loss.item()) < 1e-5
 
 
-@pytest.mark.parametrize("pos_emb", ["rope", "learned"])
-def test_smear_matches_torch_packed_cached_and_in_gradients(pos_emb):
-    model = small_gpt(seed=7, smear=True, pos_emb=pos_emb).train()  # smear weight ~0.05 after the noise
+@pytest.mark.parametrize("pos_emb,smear", [("rope", 1), ("learned", 1), ("rope", 2)])
+def test_smear_matches_torch_packed_cached_and_in_gradients(pos_emb, smear):
+    model = small_gpt(seed=7, smear=smear, pos_emb=pos_emb).train()  # smear weight ~0.05 after the noise
     cl = OpenCLGPT.from_torch(model)
     x, y = batch(8, B=2, T=13)
     segments = torch.tensor([[0] * 4 + [1] * 9, [0] * 10 + [1] * 3])  # the first example of each row ends early
@@ -101,9 +101,10 @@ def test_smear_matches_torch_packed_cached_and_in_gradients(pos_emb):
     assert torch.equal(cl.generate(prompt, max_new_tokens=25, temperature=0), expected)
     cache = KVCache(cl.config, 2, cl.device)
     cl(expected[:, :9], kv_cache=cache)
-    step = cl(expected[:, 9:10], kv_cache=cache)[0]  # (2, 1, V): its previous input from the cache
-    with torch.no_grad():
-        np.testing.assert_allclose(step.numpy(), model(expected[:, :10])[0].numpy(), atol=ATOL)
+    for t in (9, 10):  # one position at a time: its previous inputs from the cache
+        step = cl(expected[:, t:t + 1], kv_cache=cache)[0]  # (2, 1, V)
+        with torch.no_grad():
+            np.testing.assert_allclose(step.numpy(), model(expected[:, :t + 1])[0].numpy(), atol=ATOL)
 
 
 def test_checkpoint_with_compile_prefixes_loads():

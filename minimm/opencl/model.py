@@ -39,7 +39,7 @@ class KVCache:
         self.k = [Tensor(device, shape) for _ in range(config.n_layer)]
         self.v = [Tensor(device, shape) for _ in range(config.n_layer)]
         self.pos = 0
-        self.last_input = None  # (B, 1, C) the last position's input, for GPTConfig.smear
+        self.last_inputs = []  # the last positions' inputs, newest first, each (B, 1, C): GPTConfig.smear
 
 
 class OpenCLGPT:
@@ -76,13 +76,20 @@ class OpenCLGPT:
             if cfg.pos_emb == "learned":
                 positions = np.broadcast_to(np.arange(offset, offset + T), (B, T))
                 x = F.add(x, F.embedding(positions, p("transformer.wpe.weight")))  # (B, T, C)
-        if cfg.smear:  # GPT.smear_previous: x + W x_(t-1), kept inside each packed example
-            first = kv_cache.last_input if kv_cache is not None and offset > 0 else None  # (B, 1, C)
+        if cfg.smear:  # GPT.smear_previous: x + W1 x_(t-1) (+ W2 x_(t-2)), kept inside each packed example
+            cached = kv_cache.last_inputs if kv_cache is not None and offset > 0 else []  # each (B, 1, C)
             keep = None if segment_ids is None else np.concatenate(
                 [np.zeros((B, 1), np.int32), segment_ids[:, 1:] == segment_ids[:, :-1]], axis=1)  # (B, T)
-            if kv_cache is not None:
-                kv_cache.last_input = F.select_time(x, -1)  # (B, 1, C)
-            x = F.linear(F.shift_time(x, first, keep), p("transformer.smear.weight"), residual=x)  # (B, T, C)
+            out, shifted = x, x
+            for back in range(1, int(cfg.smear) + 1):  # shifting twice: the input two positions back
+                first = cached[back - 1] if back <= len(cached) else None  # (B, 1, C)
+                shifted = F.shift_time(shifted, first, keep)  # (B, T, C)
+                weight = "transformer.smear.weight" if back == 1 else "transformer.smear2.weight"
+                out = F.linear(shifted, p(weight), residual=out)  # (B, T, C)
+            if kv_cache is not None:  # the newest inputs, newest first, for the next call
+                kv_cache.last_inputs = ([F.select_time(x, -1 - j) for j in range(min(T, int(cfg.smear)))]
+                                        + cached)[:int(cfg.smear)]
+            x = out
         for layer in range(cfg.n_layer):
             h = f"transformer.h.{layer}."
             a = F.layer_norm(x, p(h + "ln_1.weight"), p(h + "ln_1.bias"))  # (B, T, C)
@@ -223,6 +230,8 @@ def expected_parameter_names(config: GPTConfig) -> set[str]:
         names.add("transformer.wpe.weight")
     if config.smear:
         names.add("transformer.smear.weight")
+    if config.smear >= 2:
+        names.add("transformer.smear2.weight")
     for layer in range(config.n_layer):
         h = f"transformer.h.{layer}."
         names |= {h + "ln_1.weight", h + "ln_2.weight", h + "attn.c_attn.weight", h + "attn.c_proj.weight",
