@@ -51,5 +51,6 @@ warmup_iters = 50
 eval_interval = 250
 eval_iters = 8
 # the final evaluation asks every held-out picture (400) and clip (600), not the first 250 of each: an
-# accuracy near 0.9 measured on 125 DTMF clips is +-0.03 by chance alone; on 300 it is +-0.02 (~18 s more)
+# accuracy near 0.9 measured on 125 DTMF clips is +-0.03 by chance alone; on 300 it is +-0.02 (a few seconds
+# more, as minimm.chat.ask_many answers them in batches)
 eval_media_samples = 600
