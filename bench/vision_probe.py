@@ -16,7 +16,7 @@ https://arxiv.org/abs/2010.11929, section 4.2; Xiao et al. 2021, "Early Convolut
 See Better", https://arxiv.org/abs/2106.14881).
 
 It prints held-out accuracy as training goes and, at the end, the ViT / CNN ratio. What it taught us
-(README): colour and place are learned in a few hundred steps, shapes and words are not, by either model;
+(EXPERIMENTS.md): colour and place are learned in a few hundred steps, shapes and words are not, by either model;
 the image questions that need only colour and place are limited by the GPT, the others by vision.
 """
 import argparse

@@ -21,30 +21,33 @@ audio_stack = 4  # 4 audio encoder frames (80 ms) per token: a 2 s clip is 25 to
 
 # 6000 synthetic clips, 3x TrainConfig's 2000 (5 s more to build). With 2000, each clip was heard ~14 times
 # and the audio train loss fell to a tenth of the val loss; with 6000 (each heard ~4.5 times) the audio val
-# loss is 0.040-0.044 instead of 0.07-0.17, DTMF 0.86-0.87 instead of 0.83-0.84 (two seeds each; README).
+# loss is 0.040-0.044 instead of 0.07-0.17, DTMF 0.86-0.87 instead of 0.83-0.84 (two seeds each; EXPERIMENTS.md).
 n_audio = 6000
 
 # how often each example of a task is drawn (1: in proportion to its examples). Text has no task metric, so
 # it keeps a tenth of its share; code is drawn 1.3x as often. Audio clips are drawn 4/3 as often: ~38 clips
 # a step, as 2000 clips drawn 4x gave before. Learning to name keys and notes starts late and at once (audio
 # val loss 0.79 at step 250, 0.14 at step 500); with 2000 clips at 1.3x (~16 a step) the default run never
-# got there (exact match 0.00). Its cost: a fifth fewer code and image answers per step, and ~40 s (README).
+# got there (exact match 0.00). Its cost: a fifth fewer code and image answers per step, and ~40 s
+# (EXPERIMENTS.md).
 task_weights = {"text": 0.1, "code": 1.3, "audio": 4 / 3}
 
 # Intel CPUs with AMX (Xeon 4th generation and later) multiply bfloat16 in hardware: there bf16 autocast makes
-# a step ~13% cheaper at the same accuracy (README). Other CPUs keep float32 and a GPU picks its own: "auto".
+# a step ~13% cheaper at the same accuracy (EXPERIMENTS.md). Other CPUs keep float32 and a GPU picks its own:
+# "auto".
 dtype = "bfloat16" if minimm.training.cpu_has_amx() and not torch.cuda.is_available() else "auto"
 
 batch_size = 16
 # Muon for every Linear weight (minimm/muon.py). Same data and seed, against AdamW's 720 steps: val loss code 1.84
 # -> 1.68, image 0.50 -> 0.47, audio 0.034 -> 0.013 in 640 steps. Its Newton-Schulz iterations, batched per
-# matrix shape, add ~0.07 s to a ~0.85 s step, so 700 Muon steps take about as long as AdamW's 720 (README).
+# matrix shape, add ~0.07 s to a ~0.85 s step; with the batched final evaluation, 700 Muon steps take a little
+# less time than the 640 did before (EXPERIMENTS.md).
 optimizer = "muon"
 max_iters = 700
 learning_rate = 2e-3
 # the ViT, the audio encoder and their projectors learn at half the GPT's rate. At the full rate the GPT
 # learned to answer image questions from priors ("yellow", "bottom left"); at half, the image val loss fell
-# from 0.71 to 0.51 and count / color accuracy rose from 0.56 / 0.27 to 1.00 / 0.67 (README).
+# from 0.71 to 0.51 and count / color accuracy rose from 0.56 / 0.27 to 1.00 / 0.67 (EXPERIMENTS.md).
 media_lr_scale = 0.5
 min_lr = 1e-4
 warmup_iters = 50

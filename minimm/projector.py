@@ -84,13 +84,13 @@ class Projector(nn.Module):
     to the projected tokens puts it back. It starts as 2-D sine-cosines (vit.sincos_2d) at
     IMAGE_POS_INIT_STD, above the projected content's std at init (~0.07), and is interpolated like the
     ViT's table for other image sizes.
-    Measured (image-only, 300 steps, README): where 0.17 -> 0.49, count 0.87 -> 1.00, val loss 0.61 -> 0.52;
-    in the 720-step default run, with fewer pictures per step, image val loss 0.69 -> 0.67 only.
+    Measured (image-only, 300 steps; EXPERIMENTS.md): where 0.17 -> 0.49, count 0.87 -> 1.00, val loss 0.61 ->
+    0.52; in the 720-step default run, with fewer pictures per step, image val loss 0.69 -> 0.67 only.
     Audio has the same gap: to write "4 1 7 #" the GPT must know which key it has reached, but a tone token
     it attends to says which key sounds, not when. Without a table the default run's DTMF mistakes were
     mostly a key too many (often the last key written twice) or too few. The table starts as 1-D
     sinusoids at IMAGE_POS_INIT_STD. Measured in the default run (config/mixed.py, all 300 held-out DTMF
-    clips, README): DTMF 0.870 -> 0.907, and 0.900 with --seed=2; audio val loss 0.050 -> 0.042 / 0.036.
+    clips, EXPERIMENTS.md): DTMF 0.870 -> 0.907, and 0.900 with --seed=2; audio val loss 0.050 -> 0.042 / 0.036.
     out_norm: a LayerNorm ends the projector (after the position table), its gain starting at
     MEDIA_NORM_GAIN, so media tokens enter the GPT at a scale set here rather than wherever the MLP drifts.
 
@@ -100,7 +100,7 @@ class Projector(nn.Module):
     Leads to Visual Information Loss", https://arxiv.org/abs/2512.08374) put a LayerNorm after a pretrained
     LLaVA's projector to pull its high-norm image tokens down to the text's scale. Training from scratch for
     minutes, we measured the other direction: media tokens ~50x larger than the token embeddings learn best.
-    Audio only, 200 steps (README): audio val loss 0.93 without the norm; with it, at gain 0.02 (the text's
+    Audio only, 200 steps (EXPERIMENTS.md): audio val loss 0.93 without the norm; with it, at gain 0.02 (the text's
     scale) 1.18, 1.0: 0.79, 3.0: 0.65, 10: 0.62; after 600 steps dtmf / notes 0.78 / 0.92 without it, 0.91 /
     0.95 with it. In the 720-step mixed run (audio drawn 1.3x): image val loss 0.67 -> 0.56 (color 0.25 ->
     0.69), audio 1.18 -> 1.01, and a linear probe names the sounding key from 51% of the projected tone
