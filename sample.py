@@ -1,6 +1,7 @@
 """Ask a trained minimm model: any task the tokenizer knows, streamed token by token.
 
-    python sample.py --task code --prompt "Return the larger of two numbers."
+    python sample.py --task code --prompt "Return true if the object is a getset descriptor." \
+        --input "def isgetsetdescriptor(object):"     # code: the instruction, and the signature as its input
     python sample.py --task text --prompt "Explain the Python topic 'with'."
     python sample.py --task image --prompt "Generate an image of a koi pond."
     python sample.py --task image --image x.png [--prompt "How many shapes are there?"]
@@ -30,6 +31,7 @@ class SampleConfig:
     out_dir: str = "out/mixed"
     task: str = "text"
     prompt: str = ""
+    input: str = ""  # an instruction's input (for code, the function's signature): after a blank line, as in training
     num_samples: int = 1
     max_new_tokens: int = 256
     temperature: Optional[float] = None  # None: the task's default
@@ -91,6 +93,8 @@ def media_turns(cfg: SampleConfig, model, ckpt: dict):
         audio.append(load_audio_features(cfg.audio).T)
         markers += "<audio>\n"
     question = cfg.prompt or (DEFAULT_QUESTION["image" if cfg.image else "audio"] if markers else "")
+    if cfg.input:  # the Alpaca layout that minimm/formats.py reads: instruction, blank line, input
+        question = f"{question}\n\n{cfg.input}" if question else cfg.input
     return images, audio, [("user", markers + question)] if question else []
 
 

@@ -1,0 +1,28 @@
+"""sample.py's prompt: an instruction with its input (--prompt, --input) is laid out as the data reader lays out
+the instruction schema in training, so the model sees the question in the form it learned."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from minimm.config import load_config
+from minimm.formats import read_examples, write_jsonl
+
+ROOT = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("sample_script", ROOT / "sample.py")
+sample = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(sample)
+
+
+@pytest.mark.parametrize("record", [
+    {"task": "code", "instruction": "Return the larger of two numbers.", "input": "def larger(a, b):"},
+    {"task": "code", "instruction": "Say hi.", "input": ""},
+])
+def test_prompt_and_input_make_the_training_user_turn(tmp_path, record):
+    write_jsonl(tmp_path / "one.jsonl", [record | {"output": "pass"}])
+    (example,) = list(read_examples(tmp_path / "one.jsonl", log=lambda *_: None))
+    cfg = load_config([f"--prompt={record['instruction']}", f"--input={record['input']}", "--task=code"],
+                      sample.SampleConfig)
+    images, audio, turns = sample.media_turns(cfg, model=None, ckpt={})
+    assert (images, audio) == ([], [])
+    assert turns == example.turns[:-1]  # the user turn; the reader's last turn is the answer
