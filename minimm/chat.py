@@ -75,6 +75,11 @@ def _media(images: list[np.ndarray], audio: list[np.ndarray], device: torch.devi
     return media
 
 
+def stop_tokens(tok: Tokenizer) -> tuple[int, ...]:
+    """What ends an answer: <|end|>, which closed every answer in training, or the end of the text."""
+    return tok.special("<|end|>"), tok.eot
+
+
 def _answer(tok: Tokenizer, new: list[int], stops: tuple[int, ...]) -> str:
     """The generated ids up to the first stop token, as text."""
     return tok.decode(new[:next((i for i, t in enumerate(new) if t in stops), len(new))])
@@ -93,7 +98,7 @@ def ask(model: MultimodalGPT, tok: Tokenizer, task: str, turns: list[tuple[str, 
     device = next(model.parameters()).device
     prompt = render_prompt(tok, task, turns, model.image_tokens, model.audio_tokens([len(m) for m in audio or []]))
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
-    stops = (tok.special("<|end|>"), tok.eot)
+    stops = stop_tokens(tok)
     stream = TextStream(tok, on_text) if on_text else None
     stopped = False
 
@@ -124,7 +129,7 @@ def ask_many(model: MultimodalGPT, tok: Tokenizer, task: str, conversations: lis
     device = next(model.parameters()).device
     images = images or [[] for _ in conversations]
     audio = audio or [[] for _ in conversations]
-    stops = (tok.special("<|end|>"), tok.eot)
+    stops = stop_tokens(tok)
     prompts = [render_prompt(tok, task, turns, model.image_tokens, model.audio_tokens([len(m) for m in clips]))
                for turns, clips in zip(conversations, audio)]
     same_length: dict[int, list[int]] = {}

@@ -40,7 +40,7 @@ def validation_examples(data_dir: Path, meta: dict, tasks: list[str],
 
 
 def code_metrics(model, tok: Tokenizer, examples: list[Example], max_new_tokens: int) -> dict:
-    answers = ask_many(model, tok, "code", [ex.turns[:-1] for ex in examples], max_new_tokens)
+    answers = ask_many(model, tok, examples[0].task, [ex.turns[:-1] for ex in examples], max_new_tokens)
     parsed = 0
     for answer in answers:
         try:
@@ -53,18 +53,16 @@ def code_metrics(model, tok: Tokenizer, examples: list[Example], max_new_tokens:
 
 def exact_match_metrics(model, tok: Tokenizer, examples: list[Example], max_new_tokens: int,
                         image_size: int, resize: str) -> dict:
-    """Exact match of greedy answers to questions about images or audio, per kind and overall."""
+    """Exact match of greedy answers to questions about images or audio (all of one task), per kind and overall."""
     right: dict[str, list[int]] = {}
-    for task in sorted({ex.task for ex in examples}):
-        asked = [ex for ex in examples if ex.task == task]
-        answers = ask_many(model, tok, task, [ex.turns[:-1] for ex in asked], max_new_tokens,
-                           images=[[load_image(p, image_size, resize) for p in ex.images] for ex in asked],
-                           audio=[[load_audio_features(p).T for p in ex.audio] for ex in asked])
-        for ex, answer in zip(asked, answers):
-            hit = int(answer.strip() == ex.turns[-1][1].strip())
-            right.setdefault("exact_match", []).append(hit)
-            if ex.kind:
-                right.setdefault(f"{ex.kind}_accuracy", []).append(hit)
+    answers = ask_many(model, tok, examples[0].task, [ex.turns[:-1] for ex in examples], max_new_tokens,
+                       images=[[load_image(p, image_size, resize) for p in ex.images] for ex in examples],
+                       audio=[[load_audio_features(p).T for p in ex.audio] for ex in examples])
+    for ex, answer in zip(examples, answers):
+        hit = int(answer.strip() == ex.turns[-1][1].strip())
+        right.setdefault("exact_match", []).append(hit)
+        if ex.kind:
+            right.setdefault(f"{ex.kind}_accuracy", []).append(hit)
     return {name: round(sum(hits) / len(hits), 4) for name, hits in sorted(right.items())} | {"n": len(examples)}
 
 

@@ -6,7 +6,7 @@ What is notable here:
   residual projections scaled by 1/sqrt(2 * n_layer), so the residual stream does not grow with depth.
 - Rotary position embeddings by default (Su et al. 2021, RoFormer: https://arxiv.org/abs/2104.09864):
   q and k are rotated by an angle proportional to their position, so q.k depends only on the distance
-  between tokens. Learned absolute positions (GPT-2's) are an option: `pos_emb="learned"`.
+  between tokens (minimm/rope.py). Learned absolute positions (GPT-2's) are an option: `pos_emb="learned"`.
 - Attention and the loss go through minimm.ops, the one place where fast kernels are chosen.
 - `forward(inputs_embeds=...)` lets the multimodal model splice image and audio embeddings into the
   sequence; `generate()` uses a KV cache so each new token costs one position, not the whole prefix
@@ -29,6 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minimm import ops
+from minimm.rope import apply_rope, rope_tables
 from minimm.sampling import decode_loop
 
 
@@ -54,27 +55,6 @@ class GPTConfig:
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"rotary positions turn channel pairs: the head size n_embd / n_head = "
                              f"{self.n_embd // self.n_head} must be even")
-
-
-def rope_tables(T: int, hs: int, base: float, offset: int = 0,
-                device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angles for positions offset .. offset+T-1: each (T, hs).
-
-    Channel pair (i, i + hs/2) turns at frequency base^(-2i/hs): fast for the first pairs (local order),
-    slow for the last (long range).
-    """
-    inv_freq = base ** (-torch.arange(0, hs, 2, device=device, dtype=torch.float32) / hs)  # (hs/2,)
-    pos = torch.arange(offset, offset + T, device=device, dtype=torch.float32)
-    angles = pos[:, None] * inv_freq[None, :]  # (T, hs/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (T, hs)
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each channel pair (i, i + hs/2) of x: (B, nh, T, hs) by the angles in cos/sin: (T, hs)."""
-    x1, x2 = x.chunk(2, dim=-1)  # each (B, nh, T, hs/2)
-    rotated = torch.cat([-x2, x1], dim=-1)  # (B, nh, T, hs)
-    return (x * cos + rotated * sin).to(x.dtype)
 
 
 class KVCache:

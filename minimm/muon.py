@@ -82,15 +82,15 @@ class Muon(torch.optim.Optimizer):
                     by_shape.setdefault((min(p.shape), max(p.shape)), []).append((p, group))
                 else:
                     self._adamw(p, self.state[p], group)
-        for (rows, cols), params in by_shape.items():
+        for (_, cols), params in by_shape.items():
             # orthogonalize(M^T) = orthogonalize(M)^T, so (768, 192) and (192, 768) share a stack
-            nesterov = torch.stack([self._momentum(p, group).T if p.size(0) > p.size(1)
-                                    else self._momentum(p, group) for p, group in params])  # (N, rows, cols)
+            tall = [p.size(0) > p.size(1) for p, _ in params]
+            momenta = [self._momentum(p, group) for p, group in params]  # each (out, in)
+            nesterov = torch.stack([m.T if t else m for m, t in zip(momenta, tall)])  # (N, rows, cols)
             directions = orthogonalize(nesterov, self.defaults["ns_steps"], self.ns_dtype)  # (N, rows, cols)
             scale = RMS_MATCH * math.sqrt(cols)
-            for (p, group), direction in zip(params, directions):
-                direction = direction.T if p.size(0) > p.size(1) else direction  # (out, in)
-                p.add_(direction.to(p.dtype), alpha=-group["lr"] * scale)
+            for (p, group), direction, t in zip(params, directions, tall):
+                p.add_((direction.T if t else direction).to(p.dtype), alpha=-group["lr"] * scale)  # (out, in)
         return loss
 
     def _momentum(self, p: torch.Tensor, group: dict) -> torch.Tensor:

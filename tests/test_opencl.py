@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("pyopencl", reason="pyopencl is not installed: pip install pyopencl pocl-binary-distribution")
 from minimm import ops  # noqa: E402
-from minimm.gpt import apply_rope, rope_tables  # noqa: E402
+from minimm.rope import apply_rope, rope_tables  # noqa: E402
 from minimm.opencl import attention as A  # noqa: E402
 from minimm.opencl import functional as Fcl  # noqa: E402
 from minimm.opencl.kernels.gemm import sgemm  # noqa: E402

@@ -70,7 +70,7 @@ def merge_heads(y: Tensor) -> Tensor:
 
 
 def rope(x: Tensor, tables: RopeTables, offset: int = 0) -> Tensor:
-    """Rotate x: (B, nh, T, hs) by the angles of positions offset .. offset + T - 1 (minimm.gpt.apply_rope)."""
+    """Rotate x: (B, nh, T, hs) by the angles of positions offset .. offset + T - 1 (minimm.rope.apply_rope)."""
     device, (B, nh, T, hs) = x.device, x.shape
     out = Tensor(device, x.shape)
     cos, sin = tables[0].buf, tables[1].buf

@@ -22,7 +22,8 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from minimm.gpt import GPTConfig, rope_tables
+from minimm.gpt import GPTConfig
+from minimm.rope import rope_tables
 from minimm.sampling import decode_loop
 from minimm.opencl import attention as A
 from minimm.opencl import functional as F

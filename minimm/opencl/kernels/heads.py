@@ -4,7 +4,7 @@
   time positions offset .. offset + T - 1 of buffers with room for Tcap positions: in training
   Tcap == T and offset == 0; in generation they are the KV cache, so appending to the cache costs nothing.
 - RoPE (Su et al. 2021, https://arxiv.org/abs/2104.09864) is applied to q and k on the way, with the
-  cos/sin tables of minimm.gpt.rope_tables uploaded once for every position (rows = absolute positions),
+  cos/sin tables of minimm.rope.rope_tables uploaded once for every position (rows = absolute positions),
   so the angles are bit-for-bit PyTorch's. Channel d < hs/2 pairs with d + hs/2:
       x'[d] = x[d] cos - x[d + hs/2] sin,   x'[d + hs/2] = x[d + hs/2] cos + x[d] sin
   That is a rotation, so its backward is the rotation by the opposite angle: the same code with -sin.
