@@ -26,3 +26,47 @@ def test_same_seed_same_bytes_and_changed_settings_are_stale(tmp_path):
     for change in ("--data_seed=7", "--vocab_size=512", "--image_size=32", "--pixel_shuffle=2"):
         changed = load_config(SMALL + [change])
         assert dataset_status(tmp_path / "a", settings_from_config(changed)) == "stale", change
+
+
+SOURCE = '''
+def documented(a, b):
+    """Add two numbers. More prose here."""
+    total = a + b
+    return total
+
+def plain(x):
+    return [x, x]
+
+def copy_of_documented(a, b):
+    total = a + b
+    return total
+
+class Box:
+    @property
+    def size(self):
+        """The size."""
+        return self._size
+
+    def _long(self):
+''' + "".join(f"        v{i} = {i}\n" for i in range(12)) + '''
+
+def only_docstring():
+    """Nothing else."""
+'''
+
+
+def test_code_rows_documented_ones_are_held_out_material_and_the_rest_is_training_only():
+    import ast
+    from prepare.mixed import code_rows
+    rows, more = code_rows([(Path("m.py"), SOURCE, ast.parse(SOURCE))])
+    assert [(r["instruction"], r["input"]) for r in rows] == [("Add two numbers.", "def documented(a, b):")]
+    assert '"""' not in rows[0]["output"]  # the instruction says what the docstring did
+    by_input = {r["input"]: r for r in more}
+    # undocumented and decorated functions; not the long one, not a body that is only a docstring
+    assert set(by_input) == {"def plain(x):", "def copy_of_documented(a, b):", "def size(self):"}
+    assert by_input["def size(self):"]["output"] == "def size(self):\n    return self._size"  # from its def line
+    assert all(r["instruction"] == "Write this function." and ast.parse(r["output"]) for r in more)
+    # a body already among the documented functions does not come back as a training-only row
+    src = SOURCE.replace("def copy_of_documented", "def documented")
+    rows, more = code_rows([(Path("m.py"), src, ast.parse(src))])
+    assert len(rows) == 1 and "def documented(a, b):" not in {r["input"] for r in more}
