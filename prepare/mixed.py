@@ -129,7 +129,7 @@ def code_rows(modules: list[tuple[Path, str, ast.Module]]) -> tuple[list[dict], 
       documented ones (from their def line, without the docstring), whose instruction says only "Write this
       function.". They teach the syntax of bodies from more code than the documented functions hold: with
       those alone the code train loss fell to 1.1 while the val loss stayed at 1.6 (the model learned the
-      answers, not Python), and more answers looped.
+      answers, not Python); with them fewer answers break on a malformed line (EXPERIMENTS.md).
     """
     rows, more, seen = [], [], set()
     for path, source, tree in modules:
