@@ -1,7 +1,7 @@
 """Ask a trained minimm model: any task the tokenizer knows, streamed token by token.
 
-    python sample.py --task code --prompt "Return true if the object is a getset descriptor." \
-        --input "def isgetsetdescriptor(object):"     # code: the instruction, and the signature as its input
+    python sample.py --task code --prompt "Sets the URL referring to a robots.txt file." \
+        --input "def set_url(self, url):"     # code: the instruction, and the signature as its input
     python sample.py --task text --prompt "Explain the Python topic 'with'."
     python sample.py --task image --prompt "Generate an image of a koi pond."
     python sample.py --task image --image x.png [--prompt "How many shapes are there?"]
@@ -23,6 +23,7 @@ import torch
 from minimm.audio import load_audio_features
 from minimm.chat import DEFAULT_TEMPERATURE, ask, load_model
 from minimm.config import ConfigError, load_config
+from minimm.formats import instruction_text
 from minimm.vit import load_image
 
 
@@ -93,8 +94,8 @@ def media_turns(cfg: SampleConfig, model, ckpt: dict):
         audio.append(load_audio_features(cfg.audio).T)
         markers += "<audio>\n"
     question = cfg.prompt or (DEFAULT_QUESTION["image" if cfg.image else "audio"] if markers else "")
-    if cfg.input:  # the Alpaca layout that minimm/formats.py reads: instruction, blank line, input
-        question = f"{question}\n\n{cfg.input}" if question else cfg.input
+    if cfg.input:  # laid out as minimm/formats.py lays out an instruction record in training
+        question = instruction_text(question, cfg.input) if question else cfg.input
     return images, audio, [("user", markers + question)] if question else []
 
 

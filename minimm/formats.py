@@ -204,8 +204,7 @@ class ExampleReader:
             extra = record.get("input")
             if extra is not None and not isinstance(extra, str):
                 raise _BadRecord("wrong type", f"{source}: 'input' must be a string, not {type(extra).__name__}")
-            user = user + "\n\n" + extra if extra else user
-            return [("user", user), ("assistant", _string(record, "output", source))]
+            return [("user", instruction_text(user, extra)), ("assistant", _string(record, "output", source))]
         if "response" in record:
             if "image" not in record:
                 raise _BadRecord("missing field", f"{source}: missing field 'image'")
@@ -245,6 +244,11 @@ class ExampleReader:
                     raise FileNotFoundError(f"{source}: missing {key} file {path}")
                 raise _BadRecord("missing media", f"{source}: missing {key} file {path}")
         return resolved
+
+
+def instruction_text(instruction: str, extra: str | None) -> str:
+    """The user turn of an instruction record (Alpaca's layout): the instruction, a blank line, its input."""
+    return instruction + "\n\n" + extra if extra else instruction
 
 
 def _string(record: dict, key: str, source: str) -> str:

@@ -50,8 +50,8 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
         if int(self.smear) not in (0, 1, 2):
-            raise ValueError(f"smear={self.smear}: expected 0 (off), 1 (the previous input) or 2 (the previous "
-                             f"two)")
+            raise ValueError(f"smear={self.smear}: expected 0 (off), 1 (the previous input) "
+                             "or 2 (the previous two)")
         if self.pos_emb == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError(f"rotary positions turn channel pairs: the head size n_embd / n_head = "
                              f"{self.n_embd // self.n_head} must be even")

@@ -131,14 +131,18 @@ def code_rows(modules: list[tuple[Path, str, ast.Module]]) -> tuple[list[dict], 
       those alone the code train loss fell to 1.1 while the val loss stayed at 1.6 (the model learned the
       answers, not Python); with them fewer answers break on a malformed line (EXPERIMENTS.md).
     """
-    rows, more, seen = [], [], set()
+    rows, seen, others = [], set(), []
     for path, source, tree in modules:
         lines = source.splitlines(keepends=True)
         for node in ast.walk(tree):
-            if not isinstance(node, ast.FunctionDef) or node.decorator_list:
+            if not isinstance(node, ast.FunctionDef):
                 continue
             doc = ast.get_docstring(node)
-            if not doc or len(node.body) < 2 or (code := function_code(node, lines)) is None:
+            if not doc or node.decorator_list:
+                if (code := function_code(node, lines)) is not None:
+                    others.append(code)
+                continue
+            if len(node.body) < 2 or (code := function_code(node, lines)) is None:
                 continue
             sentence = re.split(r"(?<=\.)\s", " ".join(doc.split()), maxsplit=1)[0]
             if len(sentence) > 200 or code in seen:
@@ -146,13 +150,9 @@ def code_rows(modules: list[tuple[Path, str, ast.Module]]) -> tuple[list[dict], 
             seen.add(code)
             rows.append({"task": "code", "instruction": clean(sentence), "input": code.split("\n", 1)[0],
                          "output": code})
-    for path, source, tree in modules:  # after all documented ones, so none of those comes back here
-        lines = source.splitlines(keepends=True)
-        for node in ast.walk(tree):
-            if not isinstance(node, ast.FunctionDef) or (ast.get_docstring(node) and not node.decorator_list):
-                continue
-            if (code := function_code(node, lines)) is None or code in seen:
-                continue
+    more = []
+    for code in others:  # after all documented ones, so none of those comes back here
+        if code not in seen:
             seen.add(code)
             more.append({"task": "code", "instruction": "Write this function.", "input": code.split("\n", 1)[0],
                          "output": code})
