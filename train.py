@@ -139,8 +139,10 @@ if cfg.init_from == "resume":
     torch.set_rng_state(ckpt["rng"]["torch"].cpu())
 opencl_trainer = None
 if opencl:
-    if model_args["vision"] or model_args["audio"] or cfg.lora_rank or cfg.dropout or cfg.optimizer != "adamw":
-        sys.exit("--device=opencl trains the text decoder with AdamW (no images, audio, LoRA, dropout or Muon yet)")
+    if (model_args["vision"] or model_args["audio"] or cfg.lora_rank or cfg.dropout or cfg.optimizer != "adamw"
+            or cfg.unlikelihood):
+        sys.exit("--device=opencl trains the text decoder with AdamW (no images, audio, LoRA, dropout, Muon or "
+                 "unlikelihood yet)")
     from minimm.opencl import OpenCLGPT, OpenCLTrainer
     opencl_trainer = OpenCLTrainer(OpenCLGPT.from_torch(model.gpt, cfg.device), cfg.learning_rate,
                                    (cfg.beta1, cfg.beta2), cfg.weight_decay, cfg.grad_clip)
@@ -233,7 +235,7 @@ while step < cfg.max_iters and not stop_requested:
         task_loss, task_count = backward_token_weighted_opencl(opencl_trainer, micro_batches, len(tok.tasks))
     else:
         task_loss, task_count = backward_token_weighted(model, micro_batches, len(tok.tasks), autocast, scaler,
-                                                        world_size, ddp)
+                                                        world_size, ddp, cfg.unlikelihood)
     step_loss = (task_loss.sum() / task_count.sum().clamp(min=1)).item()
     if not torch.isfinite(torch.tensor(step_loss)):
         bar.close()

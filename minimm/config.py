@@ -98,6 +98,8 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0
+    # > 0: add this times -log(1 - p) of each wrong induction copy to the loss (minimm/unlikelihood.py)
+    unlikelihood: float = 0.0
     # evaluation and logging
     eval_interval: int = 250
     eval_iters: int = 10

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from minimm import ops
 from minimm.rope import apply_rope, rope_tables
 from minimm.sampling import decode_loop
+from minimm.unlikelihood import unlikelihood_loss
 
 
 @dataclass
@@ -165,7 +166,8 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor | None = None, targets: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
-                kv_cache: KVCache | None = None, reduction: str = "mean", return_logits: bool = True):
+                kv_cache: KVCache | None = None, reduction: str = "mean", return_logits: bool = True,
+                negatives: torch.Tensor | None = None, unlikelihood: float = 0.0):
         """Next-token logits and, with targets, the loss.
 
         idx: (B, T) token ids, or inputs_embeds: (B, T, C) already embedded (the multimodal splice).
@@ -177,6 +179,8 @@ class GPT(nn.Module):
         return_logits=False (training and validation losses): returns (None, loss), and the head runs only
         at the positions that have a target. In a multimodal batch about two in three positions have none
         (prompts, image and audio tokens), and the head with its softmax is the widest matmul in a small model.
+        negatives: (B, T) token ids not to predict (-100: none); each adds unlikelihood * -log(1 - p) to its
+        position's loss (minimm/unlikelihood.py).
         """
         x = self.transformer.wte(idx) if inputs_embeds is None else inputs_embeds  # (B, T, C)
         B, T, C = x.shape
@@ -201,14 +205,37 @@ class GPT(nn.Module):
             return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
         if not return_logits and not torch.compiler.is_compiling():  # compiled graphs keep static shapes
             keep = targets != -100  # (B, T)
-            kept_loss = ops.cross_entropy(self.lm_head(x[keep]), targets[keep], reduction=reduction)  # (N,) or ()
+            kept_logits = self.lm_head(x[keep])  # (N, V)
+            if negatives is not None and unlikelihood:
+                return None, self._loss_with_unlikelihood(kept_logits, targets[keep], negatives[keep],
+                                                          unlikelihood, reduction, keep)
+            kept_loss = ops.cross_entropy(kept_logits, targets[keep], reduction=reduction)  # (N,) or ()
             if reduction != "none":
                 return None, kept_loss
             loss = torch.zeros(B, T, dtype=kept_loss.dtype, device=x.device)
             return None, loss.masked_scatter(keep, kept_loss)  # (B, T), 0 where ignored
         logits = self.lm_head(x)  # (B, T, V)
-        loss = ops.cross_entropy(logits, targets, ignore_index=-100, reduction=reduction)
+        if negatives is not None and unlikelihood:
+            negatives = negatives.masked_fill(targets == -100, -100)  # (B, T)
+            loss = self._loss_with_unlikelihood(logits, targets, negatives, unlikelihood, reduction)
+        else:
+            loss = ops.cross_entropy(logits, targets, ignore_index=-100, reduction=reduction)
         return (logits if return_logits else None), loss
+
+    @staticmethod
+    def _loss_with_unlikelihood(logits: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
+                                weight: float, reduction: str, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Cross-entropy plus weight * the unlikelihood of the negatives, reduced like ops.cross_entropy.
+        logits: (..., V); targets, negatives: (...); keep: (B, T) where the (N,) rows sit, to scatter them."""
+        loss = (ops.cross_entropy(logits, targets, reduction="none")
+                + weight * unlikelihood_loss(logits, negatives))  # (...)
+        if reduction == "sum":
+            return loss.sum()
+        if reduction == "mean":
+            return loss.sum() / (targets != -100).sum().clamp(min=1)
+        if keep is None:
+            return loss
+        return torch.zeros(keep.shape, dtype=loss.dtype, device=loss.device).masked_scatter(keep, loss)  # (B, T)
 
     def smear_map(self, back: int) -> nn.Linear:
         """The learned map of the input `back` positions earlier (1 or 2)."""

@@ -196,7 +196,8 @@ class MultimodalGPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
                 images: torch.Tensor | None = None, audio: torch.Tensor | None = None,
                 audio_lengths: torch.Tensor | None = None,
-                segment_ids: torch.Tensor | None = None, reduction: str = "mean", return_logits: bool = True):
+                segment_ids: torch.Tensor | None = None, reduction: str = "mean", return_logits: bool = True,
+                negatives: torch.Tensor | None = None, unlikelihood: float = 0.0):
         """As GPT.forward, with media: returns (logits (B, T, V), loss), or (B, 1, V) logits and None
         without targets, or (None, loss) with return_logits=False. targets: (B, T); any target that is a
         placeholder id becomes -100."""
@@ -205,7 +206,7 @@ class MultimodalGPT(nn.Module):
             placeholder = (targets == self.config.image_token_id) | (targets == self.config.audio_token_id)
             targets = targets.masked_fill(placeholder, -100)  # (B, T)
         return self.gpt(inputs_embeds=x, targets=targets, segment_ids=segment_ids, reduction=reduction,
-                        return_logits=return_logits)
+                        return_logits=return_logits, negatives=negatives, unlikelihood=unlikelihood)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, images: torch.Tensor | None = None,

@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from minimm.data import Batches
 from minimm.muon import Muon
+from minimm.unlikelihood import induction_negatives
 
 
 def configure_optimizer(model: nn.Module, weight_decay: float, learning_rate: float,
@@ -97,11 +98,14 @@ def _add_task_losses(task_loss: torch.Tensor, task_count: torch.Tensor, token_lo
 
 
 def backward_token_weighted(model: nn.Module, micro_batches: list, n_tasks: int, autocast, scaler,
-                            world_size: int = 1, ddp: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                            world_size: int = 1, ddp: bool = False,
+                            unlikelihood: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward every micro-batch of one step, each loss = its sum of per-token losses over
     the step's count of supervised tokens; returns per-task (loss sums, token counts) for the log.
 
-    A micro-batch with no supervised token adds zero to the gradient, never NaN.
+    A micro-batch with no supervised token adds zero to the gradient, never NaN. unlikelihood > 0 adds
+    that weight times the unlikelihood of each position's wrong induction copy (minimm/unlikelihood.py)
+    to its loss, and so to the logged train loss.
     """
     device = micro_batches[0].y.device
     n_supervised = count_supervised(micro_batches, world_size).clamp(min=1)
@@ -110,9 +114,10 @@ def backward_token_weighted(model: nn.Module, micro_batches: list, n_tasks: int,
     for m, b in enumerate(micro_batches):
         if ddp:  # only the last micro-batch all-reduces the gradients
             model.require_backward_grad_sync = m == len(micro_batches) - 1
+        negatives = induction_negatives(b.x, b.y, b.segment_ids) if unlikelihood else None  # (B, T)
         with autocast:
             _, token_loss = model(b.x, b.y, segment_ids=b.segment_ids, reduction="none", return_logits=False,
-                                  **b.media())  # (B, T)
+                                  negatives=negatives, unlikelihood=unlikelihood, **b.media())  # (B, T)
         # DDP averages gradients over ranks, so scale by world_size to keep sum / (global count)
         loss = token_loss.float().sum() * world_size / n_supervised
         scaler.scale(loss).backward()

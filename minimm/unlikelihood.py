@@ -1,0 +1,51 @@
+"""Unlikelihood training against copy loops: push down the token that a wrong copy would write.
+
+What this file teaches:
+- Why small models loop. A decoder copies from its context with induction heads (Olsson et al. 2022,
+  https://arxiv.org/abs/2209.11895): at token x_t, find the last earlier x_j equal to it and predict what
+  followed it, x_(j+1). Inside "def wait(self, handle, timeout=None):" the token "," was last followed by
+  " handle", so after "handle," the copy says " handle" again; greedy decoding takes it, the context now
+  holds one more "handle,", and the copy only grows surer: "handle, handle, handle, ..." to the end of the
+  context. Half of the default run's code answers that failed to parse did that (EXPERIMENTS.md).
+- Unlikelihood training (Welleck et al. 2019, https://arxiv.org/abs/1908.04319) adds to the usual
+  -log p(target) a term -log(1 - p(negative)) for tokens the model should not predict. Welleck et al. take
+  every earlier context token as a negative; in code that punishes the names a function must repeat. Here a
+  position gets one negative: the induction copy x_(j+1), and only where it is wrong (it differs from the
+  target). Where copying is right the term is absent, so the model learns when to copy, not to stop copying.
+- Cost: one (B, T, T) comparison of token ids per batch and the softmax of the rows that have a target.
+
+Shapes: B batch, T positions, V vocabulary, N rows.
+"""
+from __future__ import annotations
+
+import torch
+
+
+@torch.no_grad()
+def induction_negatives(idx: torch.Tensor, targets: torch.Tensor,
+                        segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The token an induction copy would predict at each position, where that copy is wrong.
+
+    idx: (B, T) input ids; targets: (B, T) next-token ids, -100 where not in the loss; segment_ids: (B, T)
+    packed-example ids (a copy never reaches into another example). Returns (B, T): idx[j + 1] for the last
+    j < t with idx[j] == idx[t], or -100 where there is no such j, no target, or the copy equals the target.
+    """
+    B, T = idx.shape
+    pos = torch.arange(T, device=idx.device)
+    same = idx[:, :, None] == idx[:, None, :]  # (B, T, T): [b, t, j] = idx[b, t] == idx[b, j]
+    same &= pos[None, None, :] < pos[None, :, None]  # j < t
+    if segment_ids is not None:
+        same &= segment_ids[:, :, None] == segment_ids[:, None, :]
+    last = (same * (pos + 1)).amax(dim=-1)  # (B, T): the last such j, plus 1; 0 where there is none
+    copy = idx.gather(1, last.clamp(max=T - 1))  # (B, T): idx[j + 1] (j + 1 <= t, so always in range)
+    keep = (last > 0) & (targets != -100) & (copy != targets)
+    return torch.where(keep, copy, torch.full_like(copy, -100))
+
+
+def unlikelihood_loss(logits: torch.Tensor, negatives: torch.Tensor) -> torch.Tensor:
+    """-log(1 - p(negative)) per row, 0 where negatives == -100. logits: (..., V), negatives: (...)."""
+    valid = negatives != -100  # (...)
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (..., V)
+    p = logprobs.gather(-1, negatives.clamp(min=0)[..., None])[..., 0].exp()  # (...)
+    # clamped: a certain wrong copy (p -> 1) costs a large but finite loss instead of inf
+    return -torch.log1p(-p.clamp(max=1 - 1e-4)) * valid
