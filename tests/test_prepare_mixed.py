@@ -1,5 +1,6 @@
 """prepare/mixed.py: deterministic from its seed, and stale when a setting that shapes it changes."""
 import hashlib
+import json
 from pathlib import Path
 
 from minimm.config import load_config
@@ -7,6 +8,19 @@ from minimm.pack import dataset_status
 from prepare.mixed import build, settings_from_config
 
 SMALL = ["--data_scale=0.05", "--n_images=60", "--n_audio=20", "--vocab_size=400"]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_training_code_rows_never_answer_a_held_out_question():
+    from prepare.mixed import unanswered
+    val = [{"instruction": "Return true if x.", "input": "def f(x):", "output": "return True"}]
+    train = [{"instruction": "Return true if x.", "input": "def f(x):", "output": "return isinstance(x, int)"},
+             {"instruction": "Return true if x.", "input": "def g(x):", "output": "return x"},
+             {"instruction": "Write this function.", "input": "def f(x):", "output": "return 1"}]
+    assert unanswered(train, val) == train[1:]
 
 
 def digest(folder: Path) -> dict[str, str]:
@@ -22,6 +36,9 @@ def test_same_seed_same_bytes_and_changed_settings_are_stale(tmp_path):
     for task in ("text", "code", "image", "audio"):
         assert metas[0]["splits"]["train"]["examples"][task] > 0, task
     assert metas[0]["splits"]["val"]["examples"]["code"] >= 50  # the held-out code instructions
+    asked = {(r["instruction"], r["input"]) for r in read_jsonl(tmp_path / "a" / "jsonl" / "val_code.jsonl")}
+    taught = {(r["instruction"], r["input"]) for r in read_jsonl(tmp_path / "a" / "jsonl" / "train_code.jsonl")}
+    assert len(asked) >= 50 and len(taught) > 50 and not asked & taught  # no held-out question answered
     assert dataset_status(tmp_path / "a", settings_from_config(cfg)) == "ok"
     for change in ("--data_seed=7", "--vocab_size=512", "--image_size=32", "--pixel_shuffle=2"):
         changed = load_config(SMALL + [change])
