@@ -1,7 +1,7 @@
 """Ask a trained minimm model: any task the tokenizer knows, streamed token by token.
 
-    python sample.py --task code --prompt "Sets the URL referring to a robots.txt file." \
-        --input "def set_url(self, url):"     # code: the instruction, and the signature as its input
+    python sample.py --task code --prompt "Acquire the I/O thread lock." \
+        --input "def acquire(self):" --temperature=0  # code: the instruction, the signature as its input
     python sample.py --task text --prompt "Explain the Python topic 'with'."
     python sample.py --task image --prompt "Generate an image of a koi pond."
     python sample.py --task image --image x.png [--prompt "How many shapes are there?"]
