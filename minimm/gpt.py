@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from minimm import ops
 from minimm.rope import apply_rope, rope_tables
 from minimm.sampling import decode_loop
-from minimm.unlikelihood import unlikelihood_loss
+from minimm.unlikelihood import cross_entropy_with_unlikelihood
 
 
 @dataclass
@@ -205,37 +205,25 @@ class GPT(nn.Module):
             return self.lm_head(x[:, [-1], :]), None  # (B, 1, V)
         if not return_logits and not torch.compiler.is_compiling():  # compiled graphs keep static shapes
             keep = targets != -100  # (B, T)
-            kept_logits = self.lm_head(x[keep])  # (N, V)
-            if negatives is not None and unlikelihood:
-                return None, self._loss_with_unlikelihood(kept_logits, targets[keep], negatives[keep],
-                                                          unlikelihood, reduction, keep)
-            kept_loss = ops.cross_entropy(kept_logits, targets[keep], reduction=reduction)  # (N,) or ()
+            kept_negatives = negatives[keep] if negatives is not None else None  # (N,)
+            kept_loss = self._head_loss(self.lm_head(x[keep]), targets[keep], kept_negatives, unlikelihood,
+                                        reduction)  # (N,) or ()
             if reduction != "none":
                 return None, kept_loss
             loss = torch.zeros(B, T, dtype=kept_loss.dtype, device=x.device)
             return None, loss.masked_scatter(keep, kept_loss)  # (B, T), 0 where ignored
         logits = self.lm_head(x)  # (B, T, V)
-        if negatives is not None and unlikelihood:
-            negatives = negatives.masked_fill(targets == -100, -100)  # (B, T)
-            loss = self._loss_with_unlikelihood(logits, targets, negatives, unlikelihood, reduction)
-        else:
-            loss = ops.cross_entropy(logits, targets, ignore_index=-100, reduction=reduction)
+        loss = self._head_loss(logits, targets, negatives, unlikelihood, reduction)
         return (logits if return_logits else None), loss
 
     @staticmethod
-    def _loss_with_unlikelihood(logits: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor,
-                                weight: float, reduction: str, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """Cross-entropy plus weight * the unlikelihood of the negatives, reduced like ops.cross_entropy.
-        logits: (..., V); targets, negatives: (...); keep: (B, T) where the (N,) rows sit, to scatter them."""
-        loss = (ops.cross_entropy(logits, targets, reduction="none")
-                + weight * unlikelihood_loss(logits, negatives))  # (...)
-        if reduction == "sum":
-            return loss.sum()
-        if reduction == "mean":
-            return loss.sum() / (targets != -100).sum().clamp(min=1)
-        if keep is None:
-            return loss
-        return torch.zeros(keep.shape, dtype=loss.dtype, device=loss.device).masked_scatter(keep, loss)  # (B, T)
+    def _head_loss(logits: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor | None,
+                   unlikelihood: float, reduction: str) -> torch.Tensor:
+        """The loss of the head's logits (..., V) against targets (...): cross-entropy, plus the unlikelihood
+        term where negatives are given and its weight is not 0."""
+        if negatives is None or not unlikelihood:
+            return ops.cross_entropy(logits, targets, ignore_index=-100, reduction=reduction)
+        return cross_entropy_with_unlikelihood(logits, targets, negatives, unlikelihood, reduction)
 
     def smear_map(self, back: int) -> nn.Linear:
         """The learned map of the input `back` positions earlier (1 or 2)."""
