@@ -37,7 +37,7 @@ def orthogonalize(g: torch.Tensor, steps: int = 5, dtype: torch.dtype = torch.fl
     """g: (out, in), or a stack of same-shaped matrices (N, out, in) -> about U V^T of each one's SVD, same
     shape, in dtype. Newton-Schulz on the wide orientation, so A = X X^T is the smaller square. The
     iteration corrects its own rounding, so bfloat16 is enough where the hardware multiplies it fast (a GPU,
-    an Intel CPU with AMX)."""
+    a CPU with AMX or AVX-512 BF16: training.cpu_has_fast_bf16)."""
     a, b, c = NEWTON_SCHULZ
     x = g.to(dtype)
     tall = x.size(-2) > x.size(-1)

@@ -56,20 +56,23 @@ def configure_optimizer(model: nn.Module, weight_decay: float, learning_rate: fl
         groups.append({"params": [p for p in adam if p.dim() < 2], "weight_decay": 0.0, "lr_scale": scale})
     groups = [g for g in groups if g["params"]]
     if optimizer == "muon":
-        fast_bf16 = device_type == "cuda" or (device_type == "cpu" and cpu_has_amx())
+        fast_bf16 = device_type == "cuda" or (device_type == "cpu" and cpu_has_fast_bf16())
         return Muon(groups, lr=learning_rate, betas=betas, ns_dtype=torch.bfloat16 if fast_bf16 else torch.float32)
     fused = device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters
     return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **({"fused": True} if fused else {}))
 
 
-def cpu_has_amx() -> bool:
-    """True when this CPU multiplies bfloat16 matrices in hardware (Intel AMX: Xeon 4th generation and later).
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU multiplies bfloat16 in hardware: Intel AMX (Xeon 4th generation and later) or the
+    AVX-512 BF16 dot-product instructions (AMD Zen 4 and later, Intel Cooper Lake).
 
     There `dtype="bfloat16"` (autocast) makes a training step cheaper on the CPU: the linears run in bf16,
-    attention stays in fp32 (ops.attention). Elsewhere bf16 matmuls are emulated and slower than fp32.
+    attention stays in fp32 (ops.attention). A (4096, 192) x (192, 768) Linear, forward and backward, took
+    12 ms instead of 23 ms on an AMD EPYC with AVX-512 BF16; with AMX the product alone is ~5x faster
+    (EXPERIMENTS.md). Elsewhere bf16 matmuls are emulated and slower than fp32.
     """
-    check = getattr(torch.cpu, "_is_amx_tile_supported", None)  # PyTorch's own CPU feature probe
-    return bool(check is not None and check())
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")  # PyTorch's own CPU feature probes
+    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
 
 
 def learning_rate_at(step: int, learning_rate: float, min_lr: float, warmup_iters: int,

@@ -7,7 +7,7 @@ import torch
 
 from minimm.gpt import GPT, GPTConfig
 from minimm.muon import RMS_MATCH, Muon, orthogonalize
-from minimm.training import configure_optimizer
+from minimm.training import configure_optimizer, cpu_has_fast_bf16
 
 
 @pytest.mark.parametrize("shape", [(37, 91), (91, 37), (50, 50)])
@@ -138,3 +138,16 @@ def test_muon_trains_a_small_gpt_and_its_state_round_trips():
     step(twin, twin_opt)
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("amx, avx512_bf16, fast", [(False, False, False), (True, False, True),
+                                                     (False, True, True), (True, True, True)])
+def test_cpu_bf16_probe_picks_the_newton_schulz_dtype(monkeypatch, amx, avx512_bf16, fast):
+    """Either CPU feature (Intel AMX, or AVX-512 BF16 as on AMD Zen 4) counts as bf16 in hardware; then Muon
+    orthogonalizes in bf16 on the CPU, otherwise in fp32 (config/mixed.py picks its dtype by the same probe)."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    assert cpu_has_fast_bf16() is fast
+    model = GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=16))
+    opt = configure_optimizer(model, 0.0, 1e-3, (0.9, 0.95), "cpu", optimizer="muon")
+    assert opt.ns_dtype == (torch.bfloat16 if fast else torch.float32)
