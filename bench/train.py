@@ -2,7 +2,7 @@
 
     python bench/train.py                      # CPU: the default config's model shape
     python bench/train.py --device=cuda --gpt2 --compile   # GPU: a GPT-2-124M-shaped model at T=1024
-    python bench/train.py --dtype=bfloat16     # CPU with bf16 autocast (what config/mixed.py uses where the CPU has bf16)
+    python bench/train.py --dtype=bfloat16     # CPU with bf16 autocast (config/mixed.py's, where the CPU has bf16)
 
 Both sides run the same GPT with the same batch shape and AdamW. train.py's side goes through everything
 the script does per step: batches drawn from the packed memmaps (data.Batches), the token-weighted

@@ -7,8 +7,8 @@ What this file teaches:
   what the tests compare the fast paths against (the tinygrad idea: one helper checks every op).
 - The backend is chosen once (`set_backend`, from the config key `kernels`), with a fallback that always
   works: plain PyTorch.
-- Mixed precision is a per-op choice: under CPU bf16 autocast the matmuls gain (Intel AMX, AVX-512 BF16) but PyTorch's CPU
-  attention kernel loses, so attention() keeps its own arithmetic in fp32 there.
+- Mixed precision is a per-op choice: under CPU bf16 autocast the matmuls gain (Intel AMX, AVX-512 BF16) but
+  PyTorch's CPU attention kernel loses, so attention() keeps its own arithmetic in fp32 there.
 
 Backends:
   "math"   written-out softmax(q k^T / sqrt(hs)) v and log-softmax cross-entropy: slow, obviously right.

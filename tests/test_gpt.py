@@ -73,7 +73,7 @@ def test_overfits_a_tiny_batch():
 
 
 def test_cpu_bf16_autocast_matches_float32_and_trains():
-    """dtype=bfloat16 on a CPU (config/mixed.py on CPUs with bf16 in hardware): the linears run in bf16, attention in fp32.
+    """dtype=bfloat16 on a CPU (config/mixed.py where the CPU has bf16): the linears run in bf16, attention in fp32.
     The loss and gradients stay close to fp32 (bf16 keeps 8 bits of mantissa, ~0.4% relative error per
     product; summed over many they mostly cancel: here the loss moves by ~2e-5 and each gradient's
     direction by a cosine of ~0.99998, so the bounds 2e-3 and 0.999 leave room), and training still fits."""
