@@ -119,6 +119,10 @@ flops_per_token = model.gpt.flops_per_token()  # before QLoRA turns weights into
 if cfg.lora_rank > 0:  # after the base weights are in (QLoRA quantizes them), before the optimizer
     apply_lora(model, cfg.lora_targets, r=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout,
                quantize=cfg.lora_quantize)
+if cfg.vision_pretrain_iters > 0 and getattr(model, "vision", None) is not None and ckpt is None:
+    # a fresh run's image encoder first learns to see the bundled pictures (prepare/vision_pretrain.py)
+    from prepare.vision_pretrain import pretrain_vision
+    pretrain_vision(model.to(device), cfg, log)
 set_trainable(model, freeze_vision=cfg.freeze_vision, freeze_audio=cfg.freeze_audio, freeze_llm=cfg.freeze_llm,
               freeze_projector=cfg.freeze_projector)
 if cfg.lora_rank > 0 and cfg.lora_trainable:  # modules trained fully beside the adapters, if the model has them

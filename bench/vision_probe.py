@@ -31,40 +31,16 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from minimm.chat import load_model  # noqa: E402
 from minimm.config import load_config  # noqa: E402
 from minimm.multimodal import MultimodalGPT, model_args_from_config  # noqa: E402
-from minimm.training import configure_optimizer  # noqa: E402
-from minimm.vit import to_tensor  # noqa: E402
-from prepare.shapes import COLORS, SHAPES, WORDS, make_example, split_seed  # noqa: E402
-
-GRID = 3  # prepare/shapes.py puts each shape's centre well inside a cell of a 3x3 grid
-
-
-def scenes(seed: int, n: int, image_size: int) -> tuple[torch.Tensor, ...]:
-    """n pictures of prepare/shapes.py -> pixels (n, H, W, 3) uint8, colour and shape per cell (n, 9)
-    (0 = no shape there), word index (n,) (-100 for a scene of shapes)."""
-    pixels, colors, shapes, words = [], [], [], []
-    cell = image_size / GRID
-    for i in range(n):
-        example = make_example(seed, i, image_size)
-        color, shape = np.zeros(GRID * GRID, np.int64), np.zeros(GRID * GRID, np.int64)
-        for s in example.shapes:
-            k = int(s.y // cell) * GRID + int(s.x // cell)  # row-major, as the tokens are
-            color[k], shape[k] = 1 + list(COLORS).index(s.color), 1 + SHAPES.index(s.name)
-        pixels.append(np.asarray(example.image))
-        colors.append(color)
-        shapes.append(shape)
-        words.append(WORDS.index(example.word) if example.word else -100)
-    return (torch.from_numpy(np.stack(pixels)), torch.from_numpy(np.stack(colors)),
-            torch.from_numpy(np.stack(shapes)), torch.tensor(words))
+from prepare.shapes import WORDS, split_seed  # noqa: E402
+from prepare.vision_pretrain import GRID, Probe, fit, scenes  # noqa: E402
 
 
 class ViTEncoder(nn.Module):
@@ -118,62 +94,6 @@ class CNNEncoder(nn.Module):
         return self.net(images).flatten(2).transpose(1, 2)  # (B, 3, H, W) -> (B, C, 3, 3) -> (B, 9, C)
 
 
-class Probe(nn.Module):
-    """An encoder and three linear heads: colour and shape per token, the word from all tokens."""
-
-    def __init__(self, encoder: nn.Module, dim: int) -> None:
-        super().__init__()
-        self.encoder = encoder
-        self.color = nn.Linear(dim, 1 + len(COLORS))
-        self.shape = nn.Linear(dim, 1 + len(SHAPES))
-        self.word = nn.Linear(GRID * GRID * dim, len(WORDS))
-
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        h = self.encoder(to_tensor(pixels))  # (B, 9, C)
-        return self.color(h), self.shape(h), self.word(h.flatten(1))  # (B, 9, 8), (B, 9, 6), (B, n_words)
-
-
-def losses(probe: Probe, batch: tuple[torch.Tensor, ...], word_weight: float) -> torch.Tensor:
-    pixels, colors, shapes, words = batch
-    color_logits, shape_logits, word_logits = probe(pixels)
-    loss = F.cross_entropy(color_logits.flatten(0, 1), colors.flatten())
-    loss = loss + F.cross_entropy(shape_logits.flatten(0, 1), shapes.flatten())
-    if (words >= 0).any():  # a batch without a text picture has no word loss
-        loss = loss + word_weight * F.cross_entropy(word_logits, words, ignore_index=-100)
-    return loss
-
-
-@torch.no_grad()
-def accuracy(probe: Probe, val: tuple[torch.Tensor, ...]) -> dict:
-    """Held-out accuracy: colour and shape over the cells that hold a shape, word over the text pictures."""
-    pixels, colors, shapes, words = val
-    color_logits, shape_logits, word_logits = probe(pixels)
-    occupied, texts = colors > 0, words >= 0
-    return {"color": (color_logits.argmax(-1) == colors)[occupied].float().mean().item(),
-            "shape": (shape_logits.argmax(-1) == shapes)[occupied].float().mean().item(),
-            "word": (word_logits.argmax(-1) == words)[texts].float().mean().item()}
-
-
-def train(name: str, probe: Probe, train_set, val_set, args) -> tuple[dict, float]:
-    """args.steps steps of args.optimizer on batches drawn with a fixed seed (both models see the same batches)."""
-    opt = configure_optimizer(probe, 0.0, args.lr, (0.9, 0.999), "cpu", optimizer=args.optimizer)
-    batch_rng = torch.Generator().manual_seed(args.seed)
-    seconds = 0.0
-    for step in range(1, args.steps + 1):
-        start = time.perf_counter()
-        idx = torch.randint(0, len(train_set[0]), (args.batch_size,), generator=batch_rng)
-        loss = losses(probe, [t[idx] for t in train_set], args.word_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        seconds += time.perf_counter() - start
-        if step % args.eval_every == 0 or step == args.steps:
-            acc = accuracy(probe, val_set)
-            print(f"{name:>4} step {step:5d}  loss {loss.item():.3f}  held-out colour {acc['color']:.2f}  "
-                  f"shape {acc['shape']:.2f}  word {acc['word']:.2f}  ({seconds:.0f} s)", flush=True)
-    return acc, args.steps * args.batch_size / seconds
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="config/mixed.py", help="the model sizes come from here")
@@ -211,7 +131,8 @@ def main() -> None:
         probe = Probe(encoder, cfg.n_embd)
         trained = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
         print(f"{name}: {sum(p.numel() for p in encoder.parameters()):,} encoder parameters, {trained:,} trained")
-        results[name] = train(name, probe, train_set, val_set, args)
+        results[name] = fit(probe, train_set, val_set, args.steps, args.batch_size, args.lr, args.optimizer,
+                            args.word_weight, args.seed, args.eval_every, log=lambda line: print(f"{name:>4} {line}"))
     print("\nheld-out accuracy after the last step (chance: shape 0.20, word 1/%d)" % len(WORDS))
     print(f"{'':>6}{'colour':>8}{'shape':>8}{'word':>8}{'pictures/s':>12}")
     for name, (acc, speed) in results.items():

@@ -67,6 +67,7 @@ class TrainConfig:
     image_pos_emb: bool = True  # each image token's place, learned in the GPT's space (projector.Projector)
     audio_pos_emb: bool = True  # each audio token's place in time, learned in the GPT's space (Projector)
     projector_norm: bool = True  # projected image and audio tokens enter the GPT at a set, large scale (Projector)
+    vision_pretrain_iters: int = 0  # steps training the ViT + projector on labelled bundled pictures first
     # audio encoder, used when the data has audio
     audio_n_layer: int = 3
     audio_n_head: int = 4

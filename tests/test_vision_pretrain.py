@@ -1,0 +1,79 @@
+"""Tests for prepare/vision_pretrain.py: pretraining teaches a fresh encoder the pictures' colours, touches only
+the image path, leaves the global RNG alone, pools grids other than 3x3, and train.py runs it for fresh runs."""
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from minimm.config import load_config
+from minimm.multimodal import MultimodalGPT, model_args_from_config
+from prepare.vision_pretrain import ImagePath, Probe, accuracy, pretrain_vision, scenes
+from prepare.shapes import split_seed
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_model(**overrides):
+    cfg = load_config([f"--{k}={v}" for k, v in {
+        "n_layer": 1, "n_head": 2, "n_embd": 32, "vit_n_layer": 1, "vit_n_head": 2, "vit_n_embd": 32,
+        "image_size": 48, "patch_size": 8, "pixel_shuffle": 2, "optimizer": "muon", "learning_rate": 1e-2,
+        "media_lr_scale": 0.5, **overrides}.items()])
+    torch.manual_seed(0)
+    model = MultimodalGPT.from_args(model_args_from_config(cfg, vocab_size=10, image_token_id=0, audio_token_id=1,
+                                                           audio=False))
+    return model, cfg
+
+
+def test_pretraining_teaches_colours_and_touches_only_the_image_path():
+    """60 steps: per-cell colour on held-out pictures goes from near chance to most cells (colour is the quick
+    lesson; shapes take hundreds of steps, EXPERIMENTS.md). The GPT's weights and the global RNG are untouched."""
+    model, cfg = tiny_model(vision_pretrain_iters=60)
+    val = scenes(split_seed(cfg.data_seed, "val"), 200, cfg.image_size)
+    torch.manual_seed(1)
+    before = accuracy(Probe(ImagePath(model.vision, model.image_projector), cfg.n_embd), val)
+    gpt = {k: v.clone() for k, v in model.gpt.state_dict().items()}
+    vit = {k: v.clone() for k, v in model.vision.state_dict().items()}
+    rng = torch.get_rng_state()
+    acc = pretrain_vision(model, cfg, log=lambda line: None)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, model.gpt.state_dict()[k]) for k, v in gpt.items())
+    assert any(not torch.equal(v, model.vision.state_dict()[k]) for k, v in vit.items())
+    assert before["color"] < 0.4, before
+    assert acc["color"] > 0.7, acc
+
+
+def test_a_finer_token_grid_is_pooled_to_the_3x3_cells():
+    """patch 8 without pixel shuffle: 6x6 tokens, averaged 2x2 into the 9 cells the labels name."""
+    model, cfg = tiny_model(pixel_shuffle=1)
+    probe = Probe(ImagePath(model.vision, model.image_projector), cfg.n_embd)
+    pixels = scenes(3, 4, cfg.image_size)[0]
+    colors, shapes, words = probe(pixels)
+    assert colors.shape == (4, 9, 8) and shapes.shape == (4, 9, 6) and words.shape[0] == 4
+
+
+def test_train_py_pretrains_a_fresh_runs_encoder(tmp_path):
+    """--vision_pretrain_iters on a run with images logs the pretraining; on a resumed run it does not repeat."""
+    from PIL import Image
+
+    from minimm.formats import write_jsonl
+
+    rows = []
+    for i, rgb in enumerate([(220, 30, 30), (30, 200, 40), (30, 40, 220)] * 4):
+        Image.new("RGB", (48, 48), rgb).save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "conversations": [{"role": "user", "content": "<image>\nColour?"},
+                                                             {"role": "assistant", "content": str(rgb)}]})
+    write_jsonl(tmp_path / "data.jsonl", rows)
+    args = [sys.executable, "train.py", f"--train_files=['{tmp_path / 'data.jsonl'}']",
+            f"--data_dir={tmp_path / 'data'}", "--dataset=tiny", f"--out_dir={tmp_path / 'run'}", "--n_layer=1",
+            "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=2", "--vocab_size=300", "--vit_n_layer=1",
+            "--vit_n_head=2", "--vit_n_embd=32", "--image_size=48", "--patch_size=8", "--pixel_shuffle=2",
+            "--warmup_iters=1", "--eval_interval=1000", "--eval_iters=1", "--eval_samples=1",
+            "--eval_media_samples=1", "--val_fraction=0.2", "--device=cpu", "--vision_pretrain_iters=3"]
+    first = subprocess.run([*args, "--max_iters=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "vision pretraining: 3 steps of 32 pictures (96 drawn)" in first.stdout + first.stderr
+    resumed = subprocess.run([*args, "--max_iters=3", "--init_from=resume"], cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "vision pretraining" not in resumed.stdout + resumed.stderr
