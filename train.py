@@ -123,6 +123,8 @@ if cfg.vision_pretrain_iters > 0 and getattr(model, "vision", None) is not None 
     # a fresh run's image encoder first learns to see the bundled pictures (prepare/vision_pretrain.py)
     from prepare.vision_pretrain import pretrain_vision
     pretrain_vision(model.to(device), cfg, log)
+elif cfg.freeze_vision and getattr(model, "vision", None) is not None and ckpt is None:
+    log("freeze_vision=True on a fresh run without vision_pretrain_iters: the ViT stays as initialised")
 set_trainable(model, freeze_vision=cfg.freeze_vision, freeze_audio=cfg.freeze_audio, freeze_llm=cfg.freeze_llm,
               freeze_projector=cfg.freeze_projector)
 if cfg.lora_rank > 0 and cfg.lora_trainable:  # modules trained fully beside the adapters, if the model has them

@@ -24,7 +24,8 @@ It prints held-out accuracy as training goes and, at the end, the ViT / CNN rati
 (EXPERIMENTS.md): colour and place are learned in a few hundred steps; with Muon and no word head the ViT
 alone tells the shapes apart (0.90 per cell after 19,000 pictures), but the default run's image tokens, which
 learn only through the GPT's answers, carry them at about 0.4: the encoder can learn shapes, and the answers
-teach it too little of them.
+teach it too little of them. So the default run now trains its encoder on these heads first
+(`vision_pretrain_iters`, prepare/vision_pretrain.py, which holds the heads and the training loop used here).
 """
 import argparse
 import sys

@@ -18,6 +18,14 @@ image_size = 48  # 6 x 6 patches of 8 pixels ...
 patch_size = 8
 pixel_shuffle = 2  # ... merged 2 x 2: 9 image tokens per picture
 audio_stack = 4  # 4 audio encoder frames (80 ms) per token: a 2 s clip is 25 tokens, not 100
+# the ViT and projector first learn the pictures' per-cell colours and shapes from the generator's labels
+# (prepare/vision_pretrain.py, ~45 s), as a real VLM starts from a pretrained encoder, and the ViT is then kept
+# frozen while the projector and the GPT learn (LLaVA's recipe). Trained only through the GPT's answers it
+# learns colour and place but hardly shape: "Describe the image." 0.09 exact; pretrained, then trained on,
+# 0.27 (its shapes fade: a probe names a cell's shape 0.86 -> 0.66); pretrained and frozen, 0.72-0.84 over
+# three seeds (EXPERIMENTS.md).
+vision_pretrain_iters = 600
+freeze_vision = True
 
 # 6000 synthetic clips, 3x TrainConfig's 2000 (5 s more to build). With 2000, each clip was heard ~14 times
 # and the audio train loss fell to a tenth of the val loss; with 6000 (each heard ~4.5 times) the audio val

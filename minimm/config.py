@@ -68,6 +68,7 @@ class TrainConfig:
     audio_pos_emb: bool = True  # each audio token's place in time, learned in the GPT's space (Projector)
     projector_norm: bool = True  # projected image and audio tokens enter the GPT at a set, large scale (Projector)
     vision_pretrain_iters: int = 0  # steps training the ViT + projector on labelled bundled pictures first
+    vision_pretrain_words: float = 0.0  # > 0: that pretraining also learns the words, its loss weighted by this
     # audio encoder, used when the data has audio
     audio_n_layer: int = 3
     audio_n_head: int = 4

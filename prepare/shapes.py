@@ -111,10 +111,12 @@ def split_seed(seed: int, split: str) -> int:
     return 2 * seed + {"train": 0, "val": 1}[split]
 
 
-def make_example(seed: int, index: int, image_size: int = IMAGE_SIZE) -> ImageExample:
-    """Image `index` of `seed`: a question kind drawn uniformly, then a scene where it is well posed."""
+def make_example(seed: int, index: int, image_size: int = IMAGE_SIZE, kind: str | None = None) -> ImageExample:
+    """Image `index` of `seed`: a question kind drawn uniformly (or the given `kind`), then a scene where it
+    is well posed."""
     rng = np.random.default_rng([seed, index])
-    kind = KINDS[rng.integers(len(KINDS))]
+    drawn = KINDS[rng.integers(len(KINDS))]
+    kind = kind or drawn
     background = _background(rng)
     if kind == "read":
         word = WORDS[rng.integers(len(WORDS))]

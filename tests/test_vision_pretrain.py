@@ -53,7 +53,9 @@ def test_a_finer_token_grid_is_pooled_to_the_3x3_cells():
 
 
 def test_train_py_pretrains_a_fresh_runs_encoder(tmp_path):
-    """--vision_pretrain_iters on a run with images logs the pretraining; on a resumed run it does not repeat."""
+    """--vision_pretrain_iters on a run with images logs the pretraining; on a resumed run it does not repeat.
+    With --freeze_vision=True (config/mixed.py) the main run's steps leave the pretrained ViT as it was and
+    train the projector; a frozen fresh ViT without pretraining is warned about."""
     from PIL import Image
 
     from minimm.formats import write_jsonl
@@ -69,11 +71,44 @@ def test_train_py_pretrains_a_fresh_runs_encoder(tmp_path):
             "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=2", "--vocab_size=300", "--vit_n_layer=1",
             "--vit_n_head=2", "--vit_n_embd=32", "--image_size=48", "--patch_size=8", "--pixel_shuffle=2",
             "--warmup_iters=1", "--eval_interval=1000", "--eval_iters=1", "--eval_samples=1",
-            "--eval_media_samples=1", "--val_fraction=0.2", "--device=cpu", "--vision_pretrain_iters=3"]
-    first = subprocess.run([*args, "--max_iters=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+            "--eval_media_samples=1", "--val_fraction=0.2", "--device=cpu", "--freeze_vision=True"]
+    first = subprocess.run([*args, "--vision_pretrain_iters=3", "--max_iters=2"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
     assert "vision pretraining: 3 steps of 32 pictures (96 drawn)" in first.stdout + first.stderr
-    resumed = subprocess.run([*args, "--max_iters=3", "--init_from=resume"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=300)
+    assert "stays as initialised" not in first.stdout + first.stderr
+    before = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model"]
+    resumed = subprocess.run([*args, "--vision_pretrain_iters=3", "--max_iters=4", "--init_from=resume"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "vision pretraining" not in resumed.stdout + resumed.stderr
+    after = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)["model"]
+    vit = [k for k in before if k.startswith("vision.")]
+    projector = [k for k in before if k.startswith("image_projector.")]
+    assert vit and projector
+    assert all(torch.equal(before[k], after[k]) for k in vit)
+    assert any(not torch.equal(before[k], after[k]) for k in projector)
+    fresh = subprocess.run([*args, "--max_iters=1", f"--out_dir={tmp_path / 'fresh'}"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert "freeze_vision=True on a fresh run without vision_pretrain_iters" in fresh.stdout + fresh.stderr
+
+
+def test_word_pictures_are_added_after_the_scenes():
+    """n_words text pictures follow the n pictures, which stay exactly what they were without them; a text
+    picture has a word and no shape in any cell."""
+    plain = scenes(3, 10, 48)
+    with_words = scenes(3, 10, 48, n_words=6)
+    assert [t.shape[0] for t in with_words] == [16] * 4
+    assert all(torch.equal(a, b[:10]) for a, b in zip(plain, with_words))
+    pixels, colors, shapes, words = with_words
+    assert (words[10:] >= 0).all() and (colors[10:] == 0).all() and (shapes[10:] == 0).all()
+    assert len({tuple(p.flatten()[:200].tolist()) for p in pixels[10:]}) == 6  # six different pictures
+
+
+def test_pretraining_with_words_draws_text_pictures_and_reports_the_word():
+    model, cfg = tiny_model(vision_pretrain_iters=4, vision_pretrain_words=1.0)
+    lines = []
+    acc = pretrain_vision(model, cfg, log=lines.append)
+    assert "(192 drawn)" in lines[0] and ", word " in lines[0], lines  # 128 scenes + 64 text pictures
+    assert 0.0 <= acc["word"] <= 1.0
