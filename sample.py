@@ -23,7 +23,7 @@ import torch
 from minimm.audio import load_audio_features
 from minimm.chat import DEFAULT_TEMPERATURE, ask, load_model
 from minimm.config import ConfigError, load_config
-from minimm.formats import instruction_text
+from minimm.formats import instruction_text, user_text
 from minimm.vit import load_image
 
 
@@ -82,21 +82,22 @@ DEFAULT_QUESTION = {"image": "Describe the image.", "audio": "Which keys were pr
 
 def media_turns(cfg: SampleConfig, model, ckpt: dict):
     """(images, audio, turns) for the prompt: each media file becomes a marker in the user turn."""
-    images, audio, markers = [], [], ""
+    images, audio = [], []
     if cfg.image:
         if not hasattr(model, "vision"):
             raise ValueError(f"{cfg.out_dir}/ckpt.pt has no image encoder: train on data with images first")
         images.append(load_image(cfg.image, model.vision.config.image_size, ckpt["config"].get("resize", "pad")))
-        markers += "<image>\n"
     if cfg.audio:
         if not hasattr(model, "audio"):
             raise ValueError(f"{cfg.out_dir}/ckpt.pt has no audio encoder: train on data with audio first")
         audio.append(load_audio_features(cfg.audio).T)
-        markers += "<audio>\n"
-    question = cfg.prompt or (DEFAULT_QUESTION["image" if cfg.image else "audio"] if markers else "")
+    question = cfg.prompt or (DEFAULT_QUESTION["image" if cfg.image else "audio"] if images or audio else "")
     if cfg.input:  # laid out as minimm/formats.py lays out an instruction record in training
         question = instruction_text(question, cfg.input) if question else cfg.input
-    return images, audio, [("user", markers + question)] if question else []
+    if not question:
+        return images, audio, []
+    text = user_text(question, len(images), len(audio), ckpt.get("config", {}).get("image_after_question", False))
+    return images, audio, [("user", text)]
 
 
 if __name__ == "__main__":

@@ -26,6 +26,9 @@ audio_stack = 4  # 4 audio encoder frames (80 ms) per token: a 2 s clip is 25 to
 # three seeds (EXPERIMENTS.md).
 vision_pretrain_iters = 600
 freeze_vision = True
+# each question about a picture is a row of its own with the picture after it ("What color is the triangle?\n<image>"),
+# so the image tokens can attend to the question (prepare/shapes.py)
+image_after_question = True
 
 # 6000 synthetic clips, 3x TrainConfig's 2000 (5 s more to build). With 2000, each clip was heard ~14 times
 # and the audio train loss fell to a tenth of the val loss; with 6000 (each heard ~4.5 times) the audio val
@@ -53,6 +56,7 @@ batch_size = 16
 # matrix shape, add ~0.07 s to a ~0.85 s step; with the batched final evaluation, 700 Muon steps take a little
 # less time than the 640 did before (EXPERIMENTS.md).
 optimizer = "muon"
+unlikelihood = 1.0
 max_iters = 700
 learning_rate = 2e-3
 # the ViT, the audio encoder and their projectors learn at half the GPT's rate. At the full rate the GPT

@@ -25,6 +25,11 @@ from minimm.audio import N_MELS, AudioEncoder
 from minimm.vit import to_tensor
 
 TEXT_STREAM, PACKED = 0, 1  # the two kinds of example in the index
+# a drawn example too long for the rest of a row goes back and another is drawn, up to this many times in a row.
+# Stopping at the first one, 13.0% of the default's row positions held padding or an example's end-of-text token,
+# compute spent on nothing to learn; with 8 tries, 5.6% (a step then holds 2% more code answer tokens, 12% more
+# image and audio ones: the short examples fill the ends of rows)
+PACK_TRIES = 8
 
 
 @dataclass
@@ -135,20 +140,23 @@ class Split:
         return seq[:-1], targets, task[1:].astype(np.int64), segments[:-1], images, clips
 
     def _pack(self, rng: np.random.Generator, images: list[int], clips: list[int]):
-        """Whole examples, drawn at random, laid end to end until the next one does not fit."""
+        """Whole examples, drawn at random, laid end to end; a drawn example that does not fit in what is
+        left of the row is put back and another drawn, until PACK_TRIES in a row have not fit."""
         T = self.block_size
         seq = np.zeros(T + 1, dtype=np.int64)
         mask = np.zeros(T + 1, dtype=np.uint8)
         task = np.zeros(T + 1, dtype=np.uint8)
         segments = np.zeros(T + 1, dtype=np.int64)
-        pos, segment = 0, 0
-        while pos < T + 1:
+        pos, segment, misses = 0, 0, 0
+        while pos < T + 1 and misses < PACK_TRIES:
             start, length, _, _, first_image, n_images, first_clip, n_clips = \
                 self.packed[min(int(np.searchsorted(self.cumulative, rng.random())), len(self.packed) - 1)]
             if length > T + 1 - pos:
                 if pos > 0:
-                    break
+                    misses += 1
+                    continue
                 length = T + 1  # one example longer than a row: keep its start (truncation)
+            misses = 0
             sl = slice(start, start + length)
             seq[pos:pos + length], mask[pos:pos + length] = self.ids[sl], self.mask[sl]
             task[pos:pos + length], segments[pos:pos + length] = self.task[sl], segment

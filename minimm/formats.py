@@ -251,6 +251,16 @@ def instruction_text(instruction: str, extra: str | None) -> str:
     return instruction + "\n\n" + extra if extra else instruction
 
 
+def user_text(text: str, n_images: int = 0, n_audio: int = 0, image_after_text: bool = False) -> str:
+    """A user turn's text with markers for its attached files, laid out as in training: each file's marker on
+    a line of its own before the text (LLaVA's "<image>\nWhat is this?"), or with image_after_text the image
+    markers after it (a model trained with image_after_question: "What color is the triangle?\n<image>")."""
+    images = (IMAGE_MARKER + "\n") * n_images
+    before = ("" if image_after_text else images) + (AUDIO_MARKER + "\n") * n_audio
+    after = "".join("\n" + IMAGE_MARKER for _ in range(n_images)) if image_after_text else ""
+    return before + text + after
+
+
 def _string(record: dict, key: str, source: str) -> str:
     if key not in record:
         raise _BadRecord("missing field", f"{source}: missing field {key!r}")

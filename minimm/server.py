@@ -10,7 +10,8 @@ What this file teaches:
   the context is a pure function of the request: whole exchanges (a user turn and its answer) are dropped
   from the start until the prompt leaves room for an answer, and the page is told how many.
 - Uploads are decoded exactly as sample.py decodes files (minimm.vit for images, minimm.audio for WAV), and
-  each becomes a marker in the user turn ("<image>\n", "<audio>\n"), as in training.
+  each becomes a marker in the user turn ("<image>\n", "<audio>\n"), laid out as in training
+  (minimm.formats.user_text: after the question for a model trained with image_after_question).
 - Bad input is answered, never fatal: every check raises ApiError(status, message), which serve.py turns
   into a JSON error with that status.
 
@@ -36,7 +37,7 @@ from PIL import Image
 
 from minimm.audio import HOP_LENGTH, SAMPLE_RATE, load_audio_features
 from minimm.chat import DEFAULT_TEMPERATURE, ask
-from minimm.formats import AUDIO_MARKER, IMAGE_MARKER
+from minimm.formats import AUDIO_MARKER, IMAGE_MARKER, user_text
 from minimm.render import render_prompt
 from minimm.vit import image_to_uint8
 
@@ -161,8 +162,8 @@ class Chat:
             if not images and not audio:
                 raise ApiError(400, f"turn {i} is empty: write something or attach a file")
             text = DEFAULT_QUESTION["image" if images else "audio"]
-        markers = (IMAGE_MARKER + "\n") * len(images) + (AUDIO_MARKER + "\n") * len(audio)  # as sample.py
-        return markers + text, images, audio
+        layout = self.ckpt.get("config", {}).get("image_after_question", False)  # as sample.py
+        return user_text(text, len(images), len(audio), layout), images, audio
 
     def _image(self, data: bytes) -> np.ndarray:
         if not hasattr(self.model, "vision"):

@@ -3,6 +3,7 @@ import json
 import numpy as np
 import pytest
 
+from minimm import data
 from minimm.data import Batches, Split
 from minimm.pack import build_dataset, dataset_status
 from minimm.formats import Example
@@ -121,3 +122,34 @@ def test_the_text_weight_scales_the_share_of_text_stream_rows(tmp_path, tok):
     split = Split(tmp_path, "train", block_size=16)
     assert split.p_window > 0 and p[1.0] == pytest.approx(split.p_window)  # weight 1: the token share
     assert p[0.0] == 0.0 < p[1.0] < p[4.0] < 1.0
+
+
+def test_a_row_is_filled_with_examples_that_fit_before_it_is_padded(tmp_path, tok, monkeypatch):
+    """Long and short examples drawn alike: when a long one does not fit the rest of a row, a short one that
+    does is drawn in its place (PACK_TRIES), where stopping at the first misfit left the rest as padding."""
+    long_ex = Example(task="code", turns=[("user", "f?"), ("assistant", "def f(x): return x + 1\n" * 6)])
+    short_ex = Example(task="text", turns=[("user", "dog?"), ("assistant", "lazy")])
+    build_dataset({"train": [long_ex, short_ex] * 10, "val": [short_ex]}, tok, tmp_path, {"v": 1},
+                  {"train": [], "val": []})
+    split = Split(tmp_path, "train", block_size=128)
+    short_len = len(render(short_ex, tok).ids)
+    assert len(render(long_ex, tok).ids) > 128 // 3 > short_len
+
+    def padding(tries: int) -> list[int]:
+        """Padding positions of 60 rows: the row's last segment when it is all end-of-text tokens."""
+        monkeypatch.setattr(data, "PACK_TRIES", tries)
+        pads = []
+        for r in range(60):
+            x, _, _, seg, _, _ = split.row(np.random.default_rng([5, r]))
+            last = seg == seg[-1]
+            pads.append(int(last.sum()) if (x[last] == tok.eot).all() else 0)
+        return pads
+
+    tries = data.PACK_TRIES
+    once, refill = padding(1), padding(tries)
+    assert sum(once) > 3 * sum(refill)  # much less of each row is padding ...
+    assert sum(p >= short_len for p in refill) <= 3  # ... and a row rarely ends with room for a short one
+    # every row still holds whole examples only: it starts one, and its targets never cross a boundary
+    x, y, _, seg, _, _ = split.row(np.random.default_rng(0))
+    assert x[0] == tok.task_token("code") or x[0] == tok.task_token("text")
+    assert all(y[b] == -100 for b in np.nonzero(np.diff(seg))[0])

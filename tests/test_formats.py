@@ -6,7 +6,7 @@ import wave
 import pytest
 from PIL import Image
 
-from minimm.formats import (AUDIO_MARKER, IMAGE_MARKER, TXT_DOCUMENT_CHARS, Example, read_examples,
+from minimm.formats import (AUDIO_MARKER, IMAGE_MARKER, TXT_DOCUMENT_CHARS, Example, read_examples, user_text,
                             write_jsonl)
 
 
@@ -112,6 +112,21 @@ def test_missing_markers_go_first_in_the_first_user_turn(tmp_path):
     assert e.turns[1] == ("user", "<image>\n<image>\nsee <image>")
     assert e.turns[3] == ("user", "more")
     assert sum(t.count(IMAGE_MARKER) for _, t in e.turns) == len(e.images) == 3
+
+
+def test_user_text_lays_out_markers_as_the_readers_do(tmp_path):
+    """sample.py and the chat page build a user turn with user_text: the layout the reader gives a record with
+    the same files, markers first (missing ones are prepended), or the picture after the question."""
+    png(tmp_path / "a.png")
+    f = jsonl(tmp_path / "r.jsonl", [{"text": "Colour?", "image": "a.png", "response": "red"},
+                                     {"text": "Colour?\n<image>", "image": "a.png", "response": "red"}])
+    (first, after), _, _ = read_all(f)
+    assert user_text("Colour?", n_images=1) == first.turns[0][1] == "<image>\nColour?"
+    assert user_text("Colour?", n_images=1, image_after_text=True) == after.turns[0][1] == "Colour?\n<image>"
+    assert user_text("Keys?", n_audio=1) == "<audio>\nKeys?"
+    assert user_text("Both?", 2, 1, image_after_text=True) == "<audio>\nBoth?\n<image>\n<image>"
+    assert user_text("Both?", 1, 1) == "<image>\n<audio>\nBoth?"
+    assert user_text("Plain.") == "Plain."
 
 
 def test_text_lines_and_code_task(tmp_path):

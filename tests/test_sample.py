@@ -26,3 +26,20 @@ def test_prompt_and_input_make_the_training_user_turn(tmp_path, record):
     images, audio, turns = sample.media_turns(cfg, model=None, ckpt={})
     assert (images, audio) == ([], [])
     assert turns == example.turns[:-1]  # the user turn; the reader's last turn is the answer
+
+
+class _Vision:
+    class vision:
+        class config:
+            image_size = 16
+
+
+@pytest.mark.parametrize("after", [False, True])
+def test_a_picture_goes_where_the_checkpoint_was_trained_to_see_it(tmp_path, after):
+    from PIL import Image
+    Image.new("RGB", (20, 20), (200, 0, 0)).save(tmp_path / "red.png")
+    cfg = load_config(["--task=image", f"--image={tmp_path / 'red.png'}", "--prompt=What color is it?"],
+                      sample.SampleConfig)
+    images, audio, turns = sample.media_turns(cfg, _Vision(), {"config": {"image_after_question": after}})
+    assert len(images) == 1 and images[0].shape == (16, 16, 3) and audio == []
+    assert turns == [("user", "What color is it?\n<image>" if after else "<image>\nWhat color is it?")]

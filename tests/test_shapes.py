@@ -175,7 +175,7 @@ def test_all_questions_answers_match_the_scene():
     rng = np.random.default_rng(0)
     for index in range(40):
         example = make_example(3, index)
-        for question, answer in shapes.scene_questions(rng, example):
+        for _, question, answer in shapes.scene_questions(rng, example):
             if question == "How many shapes are there?":
                 assert answer == str(len(example.shapes))
             elif question.startswith("What color is the "):
@@ -184,3 +184,36 @@ def test_all_questions_answers_match_the_scene():
             elif question.startswith("Where is the "):
                 color = question.removeprefix("Where is the ").removesuffix(" shape?")
                 assert [s.where for s in example.shapes if s.color == color] == [answer]
+
+
+def test_question_first_asks_each_question_before_its_own_picture(tmp_path):
+    conversation = make_image_examples(tmp_path / "conv", 40, seed=11, image_size=SIZE, all_questions=True)
+    first = make_image_examples(tmp_path / "first", 40, seed=11, image_size=SIZE, all_questions=True,
+                                question_first=True)
+    assert first[0]["kind"] == make_example(11, 0, SIZE).kind
+    by_picture: dict[str, list[dict]] = {}
+    for row in first:
+        by_picture.setdefault(row["image"], []).append(row)
+    assert len(by_picture) == 40 and len(first) > 80  # several rows per scene
+    for row in conversation:  # the same questions and answers, each now a row of its own
+        rows = by_picture[row["image"]]
+        if "conversations" in row:
+            turns = row["conversations"]
+            asked = [(t["content"].removeprefix("<image>\n"), a["content"]) for t, a in zip(turns[::2], turns[1::2])]
+        else:  # that schema holds the picture's own question only; question_first asks every one
+            asked = [(row["text"], row["response"])]
+            assert all("text" in r for r in rows)
+        got = [(r["text"], r["response"]) if "text" in r else
+               (r["conversations"][0]["content"], r["conversations"][1]["content"]) for r in rows]
+        assert got[:len(asked)] == [(f"{q}\n<image>", a) for q, a in asked]
+        assert len(got) == len(asked) or "text" in row
+        for r, (question, _) in zip(rows, asked):  # each row's kind is its own question's
+            template = shapes.QUESTIONS[r["kind"]]
+            pattern = re.escape(template).replace(r"\{shape\}", r"\w+").replace(r"\{color\}", r"\w+")
+            assert re.fullmatch(pattern, question)
+    write_jsonl(tmp_path / "first.jsonl", first)
+    examples = list(read_examples(tmp_path / "first.jsonl", str(tmp_path / "first"), log=lambda *_: None))
+    assert len(examples) == len(first)
+    for ex in examples:  # the reader keeps the placeholder where the row puts it: after the question
+        (role, text), (answer_role, _) = ex.turns
+        assert role == "user" and answer_role == "assistant" and text.endswith((".\n<image>", "?\n<image>")) and len(ex.images) == 1
