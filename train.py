@@ -279,5 +279,6 @@ elif master:
     (out_dir / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
     log("final evaluation:\n" + "\n".join(f"  {t}: {m}" for t, m in results.items()))
     plot_losses(out_dir / "log.jsonl", out_dir / "loss.png")
-if ddp:
+if ddp:  # every rank leaves together: one that tore its gloo connections down while rank 0 was still evaluating
+    torch.distributed.barrier()  # was once killed by std::terminate in CI
     torch.distributed.destroy_process_group()

@@ -68,7 +68,8 @@ class TrainConfig:
     audio_pos_emb: bool = True  # each audio token's place in time, learned in the GPT's space (Projector)
     projector_norm: bool = True  # projected image and audio tokens enter the GPT at a set, large scale (Projector)
     # the bundled pictures ask each question before the image ("What color is the triangle?\n<image>"), one row per
-    # question, and sample.py / the chat page put a picture after the question (prepare/shapes.py)
+    # question, and sample.py / the chat page put a picture after the question (prepare/shapes.py). With your own
+    # train_files, set it to match where your data puts <image>
     image_after_question: bool = False
     vision_pretrain_iters: int = 0  # steps training the ViT + projector on labelled bundled pictures first
     vision_pretrain_words: float = 0.0  # > 0: that pretraining also learns the words, its loss weighted by this
