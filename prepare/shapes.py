@@ -23,7 +23,9 @@ What this file teaches:
   first, the answer must itself find the token whose content matches a word of the question, a two-step
   lookup that the default run learned late or not at all: with two or three shapes it named another
   shape's colour or place about half the time. Images alone for 300 steps: colour 0.70 -> 0.87, where
-  0.65 -> 0.74, describe 0.80 -> 0.87, though each answer now costs ~24 tokens instead of ~11 (EXPERIMENTS.md).
+  0.65 -> 0.74, describe 0.80 -> 0.87, though each answer now costs ~24 tokens instead of ~11; in the mixed
+  default (three seeds) colour 0.59-0.67 -> 0.70-0.82, describe 0.72-0.84 -> 0.82-0.94, where unchanged
+  (EXPERIMENTS.md).
 
 Questions (the "kind" of each row, so the evaluation can report accuracy per question type):
   describe  "Describe the image."         -> "a red circle left of a blue square" (shapes left to right)

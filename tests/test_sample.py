@@ -1,9 +1,11 @@
 """sample.py's prompt: an instruction with its input (--prompt, --input) is laid out as the data reader lays out
-the instruction schema in training, so the model sees the question in the form it learned."""
+the instruction schema in training, so the model sees the question in the form it learned; a picture goes before
+or after the question as the checkpoint's config says it was trained (image_after_question)."""
 import importlib.util
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from minimm.config import load_config
 from minimm.formats import read_examples, write_jsonl
@@ -36,7 +38,6 @@ class _Vision:
 
 @pytest.mark.parametrize("after", [False, True])
 def test_a_picture_goes_where_the_checkpoint_was_trained_to_see_it(tmp_path, after):
-    from PIL import Image
     Image.new("RGB", (20, 20), (200, 0, 0)).save(tmp_path / "red.png")
     cfg = load_config(["--task=image", f"--image={tmp_path / 'red.png'}", "--prompt=What color is it?"],
                       sample.SampleConfig)
