@@ -50,13 +50,21 @@ def test_negatives_match_the_definition_on_random_packed_rows():
 
 
 def test_unlikelihood_loss_is_minus_log_one_minus_p():
-    logits = torch.randn(4, 5, 11)
+    logits = torch.randn(4, 5, 11, requires_grad=True)
     negatives = torch.randint(0, 11, (4, 5))
     negatives[0] = -100
     p = torch.softmax(logits, dim=-1).gather(-1, negatives.clamp(min=0)[..., None])[..., 0]
     want = -torch.log(1 - p) * (negatives != -100)
-    torch.testing.assert_close(unlikelihood_loss(logits, negatives), want)
-    assert (unlikelihood_loss(logits, negatives)[0] == 0).all()
+    got = unlikelihood_loss(logits, negatives)
+    torch.testing.assert_close(got, want)
+    assert (got[0] == 0).all()
+    weights = torch.randn(4, 5)  # and the same gradient, rows without a negative included (zero)
+    (grad_got,) = torch.autograd.grad((got * weights).sum(), logits)
+    (grad_want,) = torch.autograd.grad((want * weights).sum(), logits)
+    torch.testing.assert_close(grad_got, grad_want)
+    assert (grad_got[0] == 0).all()
+    none = torch.full((4, 5), -100)  # a batch without any negative: zeros, not an error
+    assert torch.equal(unlikelihood_loss(logits, none), torch.zeros(4, 5))
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
