@@ -60,7 +60,7 @@ batch_size = 16
 optimizer = "muon"
 # against copy loops ("'wr', 'wr', 'wr', ..."), the commonest way a code answer fails to parse: each position also
 # pushes down the token a wrong induction copy would write (minimm/unlikelihood.py). Over 250 held-out instructions
-# +0.03 in each of three paired runs; a step costs 4% more (EXPERIMENTS.md)
+# +0.03 in each of three paired runs; a step costs 3% more (EXPERIMENTS.md)
 unlikelihood = 1.0
 max_iters = 700
 learning_rate = 2e-3
