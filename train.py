@@ -79,7 +79,7 @@ elif cfg.init_from == "resume" and (out_dir / "config.json").is_file() and not c
     cfg.tokenizer_from = json.loads((out_dir / "config.json").read_text())["tokenizer_from"]
 if cfg.train_files:
     from prepare.jsonl import build, settings_from_config
-elif cfg.dataset == "mixed":
+elif cfg.dataset == "mixed" or cfg.dataset.startswith("mixed_"):  # the bundled builder's (config/mixed_gpu.py too)
     from prepare.mixed import build, settings_from_config
 else:
     build = settings_from_config = None
@@ -280,5 +280,5 @@ elif master:
     log("final evaluation:\n" + "\n".join(f"  {t}: {m}" for t, m in results.items()))
     plot_losses(out_dir / "log.jsonl", out_dir / "loss.png")
 if ddp:  # every rank leaves together: one that tore its gloo connections down while rank 0 was still evaluating
-    torch.distributed.barrier()  # was once killed by std::terminate in CI
+    torch.distributed.barrier()  # (the 2-rank test once died of std::terminate there)
     torch.distributed.destroy_process_group()

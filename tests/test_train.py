@@ -46,6 +46,21 @@ def train(tmp_path, data_file, *extra, check=True, env=None):
     return proc
 
 
+def test_the_gpu_config_builds_its_bundled_data_first(tmp_path):
+    """config/mixed_gpu.py names its own dataset (mixed_gpu): train.py builds it with prepare/mixed.py, as it
+    builds data/mixed, instead of stopping for want of data. Model and data shrunk to run on a CPU in seconds."""
+    small = ["--data_scale=0.01", "--n_images=20", "--n_audio=20", "--image_size=64", "--patch_size=16",
+             "--vit_n_layer=1", "--vit_n_head=2", "--vit_n_embd=32", "--audio_n_layer=1", "--audio_n_head=2",
+             "--audio_n_embd=32", "--compile=False", "--eval_media_samples=2"]
+    args = [sys.executable, "train.py", "config/mixed_gpu.py", f"--data_dir={tmp_path / 'data'}",
+            f"--out_dir={tmp_path / 'out'}", *TINY, "--block_size=128", *small, "--max_iters=1"]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data/mixed_gpu is missing: building it" in proc.stderr + proc.stdout
+    meta = json.loads((tmp_path / "data" / "mixed_gpu" / "meta.json").read_text())
+    assert meta["splits"]["train"]["examples"]["image"] > 0 and (tmp_path / "out" / "eval.json").is_file()
+
+
 def train_losses(out_dir: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
     return {r["step"]: r["train"]["all"] for r in records if "train" in r}
