@@ -255,10 +255,10 @@ def user_text(text: str, n_images: int = 0, n_audio: int = 0, image_after_text: 
     """A user turn's text with markers for its attached files, laid out as in training: each file's marker on
     a line of its own before the text (LLaVA's "<image>\nWhat is this?"), or with image_after_text the image
     markers after it (a model trained with image_after_question: "What color is the triangle?\n<image>")."""
-    images = (IMAGE_MARKER + "\n") * n_images
-    before = ("" if image_after_text else images) + (AUDIO_MARKER + "\n") * n_audio
-    after = "".join("\n" + IMAGE_MARKER for _ in range(n_images)) if image_after_text else ""
-    return before + text + after
+    audio = (AUDIO_MARKER + "\n") * n_audio
+    if image_after_text:
+        return audio + text + ("\n" + IMAGE_MARKER) * n_images
+    return (IMAGE_MARKER + "\n") * n_images + audio + text
 
 
 def _string(record: dict, key: str, source: str) -> str:

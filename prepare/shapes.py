@@ -16,16 +16,11 @@ What this file teaches:
   conversation asks every well-posed question about it, so one pass of the image encoder and one set of
   image placeholders pay for up to four supervised answers (the default run then trains on about 1.4x
   the image answer tokens per step, at the same row budget).
-- Where the question goes (question_first, config key image_after_question; on in config/mixed.py): each
-  question becomes a row of its own with the picture after it, "What color is the triangle?\n<image>". The
-  GPT is causal, so only then can the image tokens attend to the question: each one can work out whether it
-  holds the shape asked about, and the answer has only to read the token that says so. With the picture
-  first, the answer must itself find the token whose content matches a word of the question, a two-step
-  lookup that the default run learned late or not at all: with two or three shapes it named another
-  shape's colour or place about half the time. Images alone for 300 steps: colour 0.70 -> 0.87, where
-  0.65 -> 0.74, describe 0.80 -> 0.87, though each answer now costs ~24 tokens instead of ~11; in the mixed
-  default (three seeds) colour 0.59-0.67 -> 0.70-0.82, describe 0.72-0.84 -> 0.82-0.94, where unchanged
-  (EXPERIMENTS.md).
+- The question before the picture (question_first; config key image_after_question, on in config/mixed.py):
+  each question is a row of its own, "What color is the triangle?\n<image>". The GPT is causal, so only then
+  can each image token read the question and tell whether it holds the shape asked about; with the picture
+  first the answer must find that token itself, a two-step lookup learned late. Images alone, 300 steps:
+  colour 0.70 -> 0.87, describe 0.80 -> 0.87, though an answer costs ~24 tokens instead of ~11 (EXPERIMENTS.md).
 
 Questions (the "kind" of each row, so the evaluation can report accuracy per question type):
   describe  "Describe the image."         -> "a red circle left of a blue square" (shapes left to right)
@@ -183,24 +178,26 @@ def make_image_examples(out_dir: str | Path, n: int, seed: int, image_size: int 
         asked = (scene_questions(rng, example) if all_questions
                  else [(example.kind, example.question, example.answer)])
         if question_first:  # one row per question, each with the picture after it (module docstring)
-            for kind, question, answer in asked:
-                user = f"{question}\n{IMAGE_MARKER}"
-                rows.append({"task": "image", "text": user, "image": image, "response": answer, "kind": kind}
-                            if text_schema else
-                            {"task": "image", "conversations": [{"role": "user", "content": user},
-                                                                {"role": "assistant", "content": answer}],
-                             "image": image, "kind": kind})
-            continue
-        if text_schema:
-            rows.append({"task": "image", "text": example.question, "image": image,
-                         "response": example.answer, "kind": example.kind})
-            continue
-        turns = []
-        for j, (_, question, answer) in enumerate(asked):
-            turns += [{"role": "user", "content": ("<image>\n" if j == 0 else "") + question},
-                      {"role": "assistant", "content": answer}]
-        rows.append({"task": "image", "conversations": turns, "image": image, "kind": example.kind})
+            rows += [_row(image, kind, [(f"{question}\n{IMAGE_MARKER}", answer)], text_schema)
+                     for kind, question, answer in asked]
+        elif text_schema:  # that schema holds one question: the picture's own
+            rows.append(_row(image, example.kind, [(example.question, example.answer)], True))
+        else:
+            exchanges = [((f"{IMAGE_MARKER}\n" if j == 0 else "") + question, answer)
+                         for j, (_, question, answer) in enumerate(asked)]
+            rows.append(_row(image, example.kind, exchanges, False))
     return rows
+
+
+def _row(image: str, kind: str, exchanges: list[tuple[str, str]], text_schema: bool) -> dict:
+    """One JSONL row from (user text, answer) exchanges: the {"text", "image", "response"} schema (one exchange)
+    or the conversation schema."""
+    if text_schema:
+        ((user, answer),) = exchanges
+        return {"task": "image", "text": user, "image": image, "response": answer, "kind": kind}
+    turns = [turn for user, answer in exchanges
+             for turn in ({"role": "user", "content": user}, {"role": "assistant", "content": answer})]
+    return {"task": "image", "conversations": turns, "image": image, "kind": kind}
 
 
 def _background(rng: np.random.Generator) -> tuple[int, int, int]:
