@@ -1,4 +1,4 @@
-"""Synthetic image tasks, drawn with Pillow from a seed: the bundled image data of the default run.
+"""Synthetic image tasks from a seed: the bundled image data of the default run (drawn by prepare/drawing.py).
 
 What this file teaches:
 - A task a small model can learn from scratch on a CPU in minutes: scenes of 1 to 3 flat shapes and short
@@ -10,8 +10,6 @@ What this file teaches:
 - Determinism: image i of a seed comes from its own generator, numpy's default_rng([seed, i]), so the same
   seed gives the same PNG bytes (with the same numpy and Pillow) and a longer run starts with the images of
   a shorter one.
-- Anti-aliasing by supersampling: everything is drawn at SUPERSAMPLE times the size, then averaged down
-  with a box filter, so an 8-pixel shape still has the right silhouette and a pure colour at its centre.
 - Several answers per picture: with all_questions (the training split of prepare/mixed.py) a scene's
   conversation asks every well-posed question about it, so one pass of the image encoder and one set of
   image placeholders pay for up to four supervised answers (the default run then trains on about 1.4x
@@ -43,24 +41,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
 from minimm.formats import IMAGE_MARKER, write_jsonl  # noqa: E402
+from prepare.drawing import COLORS, SHAPES, Shape, background, draw_shapes, draw_word  # noqa: E402
 
 IMAGE_SIZE = 48
-SUPERSAMPLE = 4  # drawn at 4x, then each output pixel is the mean of 4x4 drawn ones
-COLORS = {  # far apart in RGB (>= 100) and from the grey backgrounds, so a noisy pixel still tells them apart
-    "red": (220, 30, 30),
-    "orange": (250, 140, 20),
-    "yellow": (240, 225, 40),
-    "green": (30, 170, 50),
-    "blue": (30, 70, 230),
-    "purple": (150, 40, 190),
-    "white": (250, 250, 250),
-}
-SHAPES = ("circle", "square", "triangle", "star", "cross")
 ROWS = ("top", "", "bottom")
 COLUMNS = ("left", "", "right")
 WHERE = tuple(" ".join(w for w in (row, col) if w) or "center" for row in ROWS for col in COLUMNS)
@@ -87,19 +75,6 @@ GAP = 2.0  # pixels between the bounding circles of two shapes: their blurred ed
 
 
 @dataclass
-class Shape:
-    """One drawn shape; x, y (its centre) and r (its bounding radius) in output pixels."""
-
-    name: str
-    color: str
-    x: float
-    y: float
-    r: float
-    angle: float
-    where: str
-
-
-@dataclass
 class ImageExample:
     """One picture and its question. shapes is empty for "read"; word is empty otherwise."""
 
@@ -122,16 +97,16 @@ def make_example(seed: int, index: int, image_size: int = IMAGE_SIZE, kind: str 
     rng = np.random.default_rng([seed, index])
     drawn = KINDS[rng.integers(len(KINDS))]
     kind = kind or drawn
-    background = _background(rng)
+    tint = background(rng)
     if kind == "read":
         word = WORDS[rng.integers(len(WORDS))]
-        image = _draw_word(rng, word, image_size, background)
+        image = draw_word(rng, word, image_size, tint)
         return ImageExample(image, kind, QUESTIONS[kind], word, word=word)
     while True:  # rejection: redraw until the question has exactly one right answer
         shapes = _place_shapes(rng, image_size)
         question, answer = _ask(rng, kind, shapes)
         if answer is not None:
-            image = _draw_shapes(rng, shapes, image_size, background)
+            image = draw_shapes(rng, shapes, image_size, tint)
             return ImageExample(image, kind, question, answer, shapes)
 
 
@@ -200,12 +175,6 @@ def _row(image: str, kind: str, exchanges: list[tuple[str, str]], text_schema: b
     return {"task": "image", "conversations": turns, "image": image, "kind": kind}
 
 
-def _background(rng: np.random.Generator) -> tuple[int, int, int]:
-    """A mid grey with a slight tint: far from white, from every colour, and from the dark text."""
-    level = rng.integers(95, 166)
-    return tuple(int(c) for c in np.clip(level + rng.integers(-15, 16, size=3), 0, 255))
-
-
 def _place_shapes(rng: np.random.Generator, image_size: int) -> list[Shape]:
     """1 to 3 shapes, each in its own column, sorted left to right, not touching, inside the image."""
     cell = image_size / 3
@@ -240,71 +209,6 @@ def _ask(rng: np.random.Generator, kind: str, shapes: list[Shape]) -> tuple[str,
     if kind == "color":
         return QUESTIONS[kind].format(shape=shape.name), shape.color
     return QUESTIONS[kind].format(color=shape.color), shape.where
-
-
-def _outline(shape: Shape, scale: float) -> list[tuple[float, float]]:
-    """Polygon vertices of a non-circle shape at `scale` times the output size, rotated by shape.angle."""
-    if shape.name == "square":
-        radii, angles = [1.0] * 4, [math.pi / 4 + k * math.pi / 2 for k in range(4)]
-    elif shape.name == "triangle":
-        radii, angles = [1.0] * 3, [k * 2 * math.pi / 3 for k in range(3)]
-    elif shape.name == "star":  # 5 points, inner radius 0.5: fat enough to stay a star when small
-        radii, angles = [1.0, 0.5] * 5, [k * math.pi / 5 for k in range(10)]
-    else:  # cross: a plus sign whose arms are 0.5 r wide
-        half = 0.25
-        corners = [(half, 1), (half, half), (1, half), (1, -half), (half, -half), (half, -1)]
-        corners += [(-u, -v) for u, v in corners]
-        radii = [math.hypot(u, v) / math.hypot(1, half) for u, v in corners]
-        angles = [math.atan2(v, u) for u, v in corners]
-    return [((shape.x + shape.r * k * math.cos(a + shape.angle)) * scale,
-             (shape.y + shape.r * k * math.sin(a + shape.angle)) * scale) for k, a in zip(radii, angles)]
-
-
-def _draw_shapes(rng: np.random.Generator, shapes: list[Shape], image_size: int,
-                 background: tuple[int, int, int]) -> Image.Image:
-    big = Image.new("RGB", (image_size * SUPERSAMPLE,) * 2, background)
-    draw = ImageDraw.Draw(big)
-    for shape in shapes:
-        if shape.name == "circle":  # 0.9 r: a full-radius disc looks bigger than the polygons beside it
-            x, y, r = (v * SUPERSAMPLE for v in (shape.x, shape.y, 0.9 * shape.r))
-            draw.ellipse((x - r, y - r, x + r, y + r), fill=COLORS[shape.color])
-        else:
-            draw.polygon(_outline(shape, SUPERSAMPLE), fill=COLORS[shape.color])
-    return _finish(rng, big, image_size)
-
-
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    """Pillow's built-in font at `size` pixels; Pillow built without FreeType only has a small bitmap one."""
-    try:
-        return ImageFont.load_default(size=size)
-    except ImportError:
-        return ImageFont.load_default()
-
-
-def _draw_word(rng: np.random.Generator, word: str, image_size: int,
-               background: tuple[int, int, int]) -> Image.Image:
-    """The word at a random size and place, dark or light, whichever stands out more from the background."""
-    margin = 2 * SUPERSAMPLE
-    size = int(rng.uniform(0.30, 0.50) * image_size * SUPERSAMPLE)
-    font = _font(size)
-    left, top, right, bottom = font.getbbox(word)
-    while right - left > image_size * SUPERSAMPLE - 2 * margin:  # shrink until the word fits the width
-        size = int(size * 0.9)
-        font = _font(size)
-        left, top, right, bottom = font.getbbox(word)
-    x = rng.uniform(margin, image_size * SUPERSAMPLE - margin - (right - left)) - left
-    y = rng.uniform(margin, image_size * SUPERSAMPLE - margin - (bottom - top)) - top
-    ink = (20, 20, 20) if sum(background) > 3 * 128 else (245, 245, 245)
-    big = Image.new("RGB", (image_size * SUPERSAMPLE,) * 2, background)
-    ImageDraw.Draw(big).text((x, y), word, fill=ink, font=font)
-    return _finish(rng, big, image_size)
-
-
-def _finish(rng: np.random.Generator, big: Image.Image, image_size: int) -> Image.Image:
-    """Box-filter down to image_size, then add Gaussian pixel noise of a random strength (sigma 0 to 6)."""
-    pixels = np.asarray(big.resize((image_size, image_size), Image.Resampling.BOX), dtype=np.float32)
-    pixels = pixels + rng.normal(0.0, rng.uniform(0.0, 6.0), size=pixels.shape)
-    return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
 
 
 def _write_split(out_dir: Path, split: str, n: int, seed: int, image_size: int) -> None:
