@@ -55,9 +55,9 @@ def background(rng: np.random.Generator) -> tuple[int, int, int]:
 
 
 def draw_shapes(rng: np.random.Generator, shapes: list[Shape], image_size: int,
-                background: tuple[int, int, int]) -> Image.Image:
-    """The shapes, filled in their colours, on the background: an image_size x image_size RGB picture."""
-    big = Image.new("RGB", (image_size * SUPERSAMPLE,) * 2, background)
+                tint: tuple[int, int, int]) -> Image.Image:
+    """The shapes, filled in their colours, on a background of colour tint: an image_size x image_size RGB picture."""
+    big = Image.new("RGB", (image_size * SUPERSAMPLE,) * 2, tint)
     draw = ImageDraw.Draw(big)
     for shape in shapes:
         if shape.name == "circle":  # 0.9 r: a full-radius disc looks bigger than the polygons beside it
@@ -68,9 +68,9 @@ def draw_shapes(rng: np.random.Generator, shapes: list[Shape], image_size: int,
     return _finish(rng, big, image_size)
 
 
-def draw_word(rng: np.random.Generator, word: str, image_size: int,
-              background: tuple[int, int, int]) -> Image.Image:
-    """The word at a random size and place, dark or light, whichever stands out more from the background."""
+def draw_word(rng: np.random.Generator, word: str, image_size: int, tint: tuple[int, int, int]) -> Image.Image:
+    """The word at a random size and place on a background of colour tint, in dark or light ink, whichever
+    stands out more."""
     margin = 2 * SUPERSAMPLE
     size = int(rng.uniform(0.30, 0.50) * image_size * SUPERSAMPLE)
     font = _font(size)
@@ -81,8 +81,8 @@ def draw_word(rng: np.random.Generator, word: str, image_size: int,
         left, top, right, bottom = font.getbbox(word)
     x = rng.uniform(margin, image_size * SUPERSAMPLE - margin - (right - left)) - left
     y = rng.uniform(margin, image_size * SUPERSAMPLE - margin - (bottom - top)) - top
-    ink = (20, 20, 20) if sum(background) > 3 * 128 else (245, 245, 245)
-    big = Image.new("RGB", (image_size * SUPERSAMPLE,) * 2, background)
+    ink = (20, 20, 20) if sum(tint) > 3 * 128 else (245, 245, 245)
+    big = Image.new("RGB", (image_size * SUPERSAMPLE,) * 2, tint)
     ImageDraw.Draw(big).text((x, y), word, fill=ink, font=font)
     return _finish(rng, big, image_size)
 
