@@ -1,5 +1,6 @@
-"""Tests for prepare/shapes.py: determinism, well-formed rows of every kind, and answers that can be read
-back from the pixels alone (colour blobs found by distance from the background, no metadata)."""
+"""Tests for prepare/shapes.py and the pictures prepare/drawing.py draws for it: determinism, well-formed rows of
+every kind, and answers that can be read back from the pixels alone (colour blobs found by distance from the
+background, no metadata)."""
 import hashlib
 import re
 from collections import deque
