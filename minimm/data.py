@@ -94,8 +94,11 @@ class Split:
         self.index = np.load(data_dir / f"{split}_index.npy")
         stats = meta["splits"][split]
         size = meta.get("image_size", 0)
-        self.images = (np.memmap(data_dir / f"{split}_images.bin", dtype=np.uint8, mode="r",
-                                 shape=(stats["images"], size, size, 3)) if stats.get("images") else None)
+        self.images = self.image_ids = None  # each picture once; an example's image slots name its rows
+        if stats.get("images"):
+            self.images = np.memmap(data_dir / f"{split}_images.bin", dtype=np.uint8, mode="r",
+                                    shape=(stats["images"], size, size, 3))
+            self.image_ids = np.load(data_dir / f"{split}_image_ids.npy")
         self.audio = self.audio_index = None
         if stats.get("audio_clips"):
             self.audio = np.memmap(data_dir / f"{split}_audio.bin", dtype=np.float16, mode="r").reshape(-1, N_MELS)
@@ -168,8 +171,8 @@ class Split:
         return seq, mask, task, segments
 
     def media(self, images: list[int], clips: list[int]):
-        """Tensors for the given image and clip ids: (N, H, W, 3) uint8; (N, n_mels, F) and (N,)."""
-        pixels = torch.from_numpy(np.stack([self.images[i] for i in images])) if images else None
+        """Tensors for the given image slots and clip ids: (N, H, W, 3) uint8; (N, n_mels, F) and (N,)."""
+        pixels = torch.from_numpy(np.stack([self.images[self.image_ids[i]] for i in images])) if images else None
         if not clips:
             return pixels, None, None
         spans = [self.audio_index[c] for c in clips]

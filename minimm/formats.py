@@ -19,6 +19,8 @@ Schemas, detected per record by its keys (a .jsonl line, or an element of a .jso
                    (https://github.com/tatsu-lab/stanford_alpaca); user = instruction, blank line, input
   "response"       {"text", "image", "response", "task"?}: one question about an image, and its answer
   "text"           {"text", "task"?, "image"?, "audio"?}: pretraining text, one turn with role "text"
+  COCO captions    a .json object {"images": [{"id", "file_name"}], "annotations": [{"image_id", "caption"}]}:
+                   each caption a "response" record asking coco.CAPTION_QUESTION (minimm/coco.py)
 The task defaults to "image" when the record has images, "audio" when it has audio, else "text".
 A .txt file is pretraining text: paragraphs (blank-line separated) are gathered into documents of about
 TXT_DOCUMENT_CHARS characters, never splitting a paragraph, so a book is not one giant example and a file
@@ -32,6 +34,8 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
+
+from minimm.coco import caption_records, is_coco_captions
 
 IMAGE_MARKER = "<image>"
 AUDIO_MARKER = "<audio>"
@@ -137,8 +141,13 @@ class ExampleReader:
                     items = json.load(f)  # LLaVA ships one JSON array; there is no lazy way to read that
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{self.path}: not valid JSON ({e})") from None
+            if is_coco_captions(items):  # one record per caption (minimm/coco.py)
+                for source, record in caption_records(items, self.path):
+                    yield source, record if isinstance(record, dict) else _BadRecord(*record)
+                return
             if not isinstance(items, list):
-                raise ValueError(f"{self.path}: a .json file must hold an array of records")
+                raise ValueError(f"{self.path}: a .json file must hold an array of records, or be a COCO "
+                                 f"caption file (an object with 'images' and 'annotations')")
             for i, item in enumerate(items):
                 yield f"{self.path}:{i + 1}", item  # the element number stands in for the line
             return

@@ -3,13 +3,17 @@
 What this file teaches:
 - One flat array of token ids per split (`train.bin`, `val.bin`; uint16 when the vocabulary fits, else
   uint32), a uint8 loss mask and a uint8 task id per token, and an index of (start, length, task, kind,
-  first image, images, first clip, clips) per example. minimm/data.py reads them back as batches.
+  first image slot, images, first clip, clips) per example. minimm/data.py reads them back as batches.
 - Plain text goes first, as one contiguous stream (cut into random windows later); instruction, chat and
   media examples follow, each kept whole.
 - Media are decoded once, here: images to a uint8 memmap (N, H, W, 3) at the model's image size, audio
   to log-mel features in a float16 memmap (frames, n_mels) with an index of (offset, frames) per clip.
   Training never decodes a PNG or computes a spectrogram per step. An example whose media cannot be
   read is reported with its file:line and skipped (or stops the build when strict).
+- A picture that several examples show is stored once: COCO has five captions per picture, and the bundled
+  data asks each of a scene's questions in a row of its own. An example's images are slots of
+  `{split}_image_ids.npy`, each naming its picture's row of the memmap (the bundled training split: 13,323
+  slots, 4,000 pictures, 28 MB instead of 92).
 - `meta.json` records what built the data and a hash of those settings; when the settings change the
   data is stale and gets rebuilt instead of silently training on the old one. It is written last, so a
   build that dies half-way reads as missing, never as valid.
@@ -33,6 +37,7 @@ from minimm.tokenizer import Tokenizer
 from minimm.vit import load_image
 
 N_REPORTED = 5  # unreadable media files printed one by one; the rest are counted
+PACK_LAYOUT = 2  # the files' layout; data packed by another is stale (2: pictures stored once, image_ids.npy)
 
 
 def settings_hash(settings: dict) -> str:
@@ -45,7 +50,8 @@ def dataset_status(data_dir: str | Path, settings: dict) -> str:
     if not meta_path.is_file():
         return "missing"
     meta = json.loads(meta_path.read_text())
-    return "ok" if meta.get("settings_hash") == settings_hash(settings) else "stale"
+    same = meta.get("settings_hash") == settings_hash(settings) and meta.get("layout") == PACK_LAYOUT
+    return "ok" if same else "stale"
 
 
 def _atomic_save(path: Path, write) -> None:
@@ -59,11 +65,12 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
         np.save(f, array)
 
 
-def _load_media(ex: Example, media: MediaSpec) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Decoded images (H, W, 3) uint8 and mel features (frames, n_mels) float16; ValueError if unreadable."""
+def _load_media(ex: Example, media: MediaSpec, known: dict[str, int]) -> tuple[dict, list[np.ndarray]]:
+    """The example's images not in `known` (path -> (H, W, 3) uint8) and its mel features (frames, n_mels)
+    float16; ValueError if one is unreadable."""
     if ex.images and not media.image_size:
         raise ValueError(f"{ex.source}: has images but the model has no image encoder (image_size=0)")
-    images = [load_image(path, media.image_size, media.resize) for path in ex.images]
+    images = {path: load_image(path, media.image_size, media.resize) for path in ex.images if path not in known}
     mels = [load_audio_features(path).T.astype(np.float16) for path in ex.audio]
     return images, mels
 
@@ -73,12 +80,14 @@ def pack_split(examples: Iterable[Example], tok: Tokenizer, out_dir: Path, split
     """Render and write one split; returns its statistics (examples and tokens per task)."""
     media = media or MediaSpec()
     stream, packed = [], []
-    images: list[np.ndarray] = []
+    images: list[np.ndarray] = []  # each picture once
+    row_of: dict[str, int] = {}  # a picture's path -> its row in images
+    image_ids: list[int] = []  # per image slot, in the examples' placeholder order: a row of images
     mels: list[np.ndarray] = []
     skipped = 0
     for ex in examples:
         try:
-            ex_images, ex_mels = _load_media(ex, media) if ex.images or ex.audio else ([], [])
+            new_images, ex_mels = _load_media(ex, media, row_of) if ex.images or ex.audio else ({}, [])
         except (ValueError, OSError) as e:
             if media.strict:
                 raise
@@ -89,8 +98,11 @@ def pack_split(examples: Iterable[Example], tok: Tokenizer, out_dir: Path, split
         r = render(ex, tok, media.image_tokens, [audio_tokens(len(m), media.audio_stack) for m in ex_mels])
         task_id = tok.tasks.index(ex.task)
         is_text = len(ex.turns) == 1 and ex.turns[0][0] == "text" and not ex.images and not ex.audio
-        (stream if is_text else packed).append((r, task_id, len(images), len(mels)))
-        images += ex_images
+        (stream if is_text else packed).append((r, task_id, len(image_ids), len(mels)))
+        for path, pixels in new_images.items():
+            row_of[path] = len(images)
+            images.append(pixels)
+        image_ids += [row_of[path] for path in ex.images]
         mels += ex_mels
     if skipped:
         log(f"{split}: skipped {skipped} examples whose media could not be read")
@@ -100,7 +112,7 @@ def pack_split(examples: Iterable[Example], tok: Tokenizer, out_dir: Path, split
     ids = np.empty(n_tokens, dtype=dtype)
     mask = np.empty(n_tokens, dtype=np.uint8)
     task = np.empty(n_tokens, dtype=np.uint8)
-    # start, length, task id, kind, first image, images, first clip, clips
+    # start, length, task id, kind, first image slot, images, first clip, clips
     index = np.empty((len(rows), 8), dtype=np.int64)
     examples_per_task, tokens_per_task = Counter(), Counter()
     pos = 0
@@ -118,6 +130,7 @@ def pack_split(examples: Iterable[Example], tok: Tokenizer, out_dir: Path, split
     _atomic_save(out_dir / f"{split}_index.npy", lambda p: _save_npy(p, index))
     if images:
         _atomic_save(out_dir / f"{split}_images.bin", lambda p: np.stack(images).tofile(p))
+        _atomic_save(out_dir / f"{split}_image_ids.npy", lambda p: _save_npy(p, np.array(image_ids, np.int64)))
     if mels:
         clips = np.array([[0, len(m)] for m in mels], dtype=np.int64)
         clips[1:, 0] = np.cumsum(clips[:-1, 1])
@@ -125,6 +138,7 @@ def pack_split(examples: Iterable[Example], tok: Tokenizer, out_dir: Path, split
         _atomic_save(out_dir / f"{split}_audio_index.npy", lambda p: _save_npy(p, clips))
     return {"examples": dict(examples_per_task), "tokens": dict(tokens_per_task),
             "text_stream_tokens": int(sum(len(r.ids) for r, *_ in stream)), "images": len(images),
+            "image_slots": len(image_ids),
             "audio_clips": len(mels), "skipped_media": skipped}
 
 
@@ -143,7 +157,7 @@ def build_dataset(splits: dict[str, Iterable[Example]], tok: Tokenizer, out_dir:
         "tokenizer": "tokenizer", "vocab_size": tok.vocab_size, "eot": tok.eot, "tasks": list(tok.tasks),
         "dtype": "uint16" if tok.vocab_size <= 2 ** 16 else "uint32",
         "image_size": media.image_size if media else 0, "image_tokens": media.image_tokens if media else 0,
-        "resize": media.resize if media else "pad", "media_dir": media_dir,
+        "resize": media.resize if media else "pad", "media_dir": media_dir, "layout": PACK_LAYOUT,
         "splits": {split: pack_split(examples, tok, out_dir, split, media, log) for split, examples in splits.items()},
         "sources": sources, "settings": settings, "settings_hash": settings_hash(settings),
     }

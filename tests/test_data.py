@@ -153,3 +153,32 @@ def test_a_row_is_filled_with_examples_that_fit_before_it_is_padded(tmp_path, to
     x, y, _, seg, _, _ = split.row(np.random.default_rng(0))
     assert x[0] == tok.task_token("code") or x[0] == tok.task_token("text")
     assert all(y[b] == -100 for b in np.nonzero(np.diff(seg))[0])
+
+
+def test_data_packed_by_another_layout_is_stale(tmp_path, tok):
+    make_dataset(tmp_path, tok, {"v": 1})
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    (tmp_path / "meta.json").write_text(json.dumps({**meta, "layout": 1}))  # as an older minimm packed it
+    assert dataset_status(tmp_path, {"v": 1}) == "stale"
+
+
+def test_a_picture_shown_by_several_examples_is_stored_once(tmp_path, tok):
+    from PIL import Image
+    colours = {"red": (250, 0, 0), "green": (0, 250, 0), "blue": (0, 0, 250)}
+    for name, rgb in colours.items():
+        Image.new("RGB", (8, 8), rgb).save(tmp_path / f"{name}.png")
+
+    def ask(*names):  # one question about these pictures, answered with their names
+        return Example("image", [("user", "<image>\n" * len(names) + "What colours?"), ("assistant", " ".join(names))],
+                       images=[str(tmp_path / f"{n}.png") for n in names], source="t:1")
+    examples = [ask("red"), ask("green", "red"), ask("blue", "blue"), ask("red"), ask("green")]
+    out = tmp_path / "data"
+    media = data.MediaSpec(image_size=8, image_tokens=1)
+    stats = build_dataset({"train": examples, "val": examples[:1]}, tok, out, {"v": 1}, {"train": [], "val": []},
+                          media)["splits"]["train"]
+    assert stats["images"] == 3 and stats["image_slots"] == 7  # 3 pictures stored, 7 placeholders name them
+    assert (out / "train_images.bin").stat().st_size == 3 * 8 * 8 * 3
+    split = Split(out, "train", block_size=64)
+    slots = [name for ex in examples for name in ex.turns[1][1].split()]
+    pixels = split.media(list(range(len(slots))), [])[0]  # (7, 8, 8, 3): each slot's own picture
+    assert [tuple(p[4, 4].tolist()) for p in pixels] == [colours[name] for name in slots]
