@@ -5,8 +5,10 @@
 train.py calls the same build() when its config sets train_files and the data is missing or stale.
 With tokenizer_from (a run dir or a data dir) the data is tokenized with that tokenizer instead of a
 new one: fine-tuning a checkpoint must read its own vocabulary (train.py sets it to init_from).
-Without val_files, a val_fraction of the training examples is held out (chosen from data_seed). The
-validation examples are written back as JSONL (the conversation schema) so the final evaluation can ask
+Without val_files, a val_fraction of the training examples is held out (chosen from data_seed), whole
+pictures at a time: the examples that show the same first picture (COCO's five captions of it, LLaVA's
+several conversations about it) all go to one side, so a held-out picture is never one the model trained on.
+The validation examples are written back as JSONL (the conversation schema) so the final evaluation can ask
 the model the held-out prompts.
 """
 from __future__ import annotations
@@ -32,7 +34,7 @@ def file_digest(path: str) -> str:
 
 def settings_from_config(cfg: TrainConfig) -> dict:
     """The inputs' contents (not just their names) are part of the settings: edit a file, rebuild."""
-    return {"builder": "jsonl-v1", "train_files": {f: file_digest(f) for f in cfg.train_files},
+    return {"builder": "jsonl-v2", "train_files": {f: file_digest(f) for f in cfg.train_files},
             "val_files": {f: file_digest(f) for f in cfg.val_files}, "val_fraction": cfg.val_fraction,
             "seed": cfg.data_seed, "vocab_size": cfg.vocab_size, "tasks": list(cfg.tasks),
             "media_dir": cfg.media_dir,
@@ -49,6 +51,21 @@ def reuse_tokenizer(path: str) -> Tokenizer:
     if (folder / "tokenizer").is_dir():
         return Tokenizer.load(folder / "tokenizer")
     raise FileNotFoundError(f"tokenizer_from={path!r}: neither {folder / 'ckpt.pt'} nor {folder / 'tokenizer'} exists")
+
+
+def hold_out(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, val): about `fraction` of the examples held out, chosen from `seed`, the examples that share a
+    first picture kept together (module docstring); examples without one are each their own group."""
+    groups: dict = {}
+    for i, ex in enumerate(examples):
+        groups.setdefault(ex.images[0] if ex.images else i, []).append(ex)
+    order = list(groups.values())
+    random.Random(seed).shuffle(order)
+    n_val = max(1, int(len(examples) * fraction))
+    train, val = [], []
+    for group in order:
+        (val if len(val) < n_val else train).extend(group)
+    return train, val
 
 
 def as_row(ex: Example) -> dict:
@@ -71,9 +88,7 @@ def build(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
     train = read(cfg.train_files)
     val = read(cfg.val_files)
     if not val:
-        random.Random(cfg.data_seed).shuffle(train)
-        n_val = max(1, int(len(train) * cfg.val_fraction))
-        train, val = train[n_val:], train[:n_val]
+        train, val = hold_out(train, cfg.val_fraction, cfg.data_seed)
     write_jsonl(out_dir / "jsonl" / "val.jsonl", [as_row(ex) for ex in val])
     if tok is None:
         corpus = "\n".join(text for ex in train for _, text in ex.turns)

@@ -87,3 +87,19 @@ def test_train_py_trains_on_a_coco_caption_file(tmp_path):
     assert stats["train"]["image_slots"] + stats["val"]["image_slots"] == 12
     assert stats["train"]["images"] <= 6 and stats["val"]["images"] <= 6  # each picture stored once per split
     assert "val_loss" in json.loads((tmp_path / "out" / "eval.json").read_text())["image"]
+    held_out = [json.loads(line)["image"][0] for line in (tmp_path / "data" / "coco" / "jsonl" / "val.jsonl").open()]
+    assert held_out and all(held_out.count(p) == 2 for p in held_out)  # both captions of a held-out picture
+
+
+def test_held_out_pictures_are_never_trained_on():
+    sys.path.insert(0, str(ROOT))
+    from minimm.formats import Example
+    from prepare.jsonl import hold_out
+    examples = [Example("image", [("user", f"{IMAGE_MARKER}\nQ"), ("assistant", f"caption {i}")],
+                        images=[f"/p/{i % 7}.jpg"], source=f"f:{i}") for i in range(35)]
+    examples += [Example("text", [("text", f"prose {i}")], source=f"g:{i}") for i in range(10)]
+    for seed in range(5):
+        train, val = hold_out(examples, 0.2, seed)
+        assert sorted(e.source for e in train + val) == sorted(e.source for e in examples)
+        assert 9 <= len(val) <= 9 + 4  # the fraction, give or take the last picture's other captions
+        assert not {e.images[0] for e in val if e.images} & {e.images[0] for e in train if e.images}
