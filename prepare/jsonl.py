@@ -7,7 +7,8 @@ With tokenizer_from (a run dir or a data dir) the data is tokenized with that to
 new one: fine-tuning a checkpoint must read its own vocabulary (train.py sets it to init_from).
 Without val_files, a val_fraction of the training examples is held out (chosen from data_seed), whole
 pictures at a time: the examples that show the same first picture (COCO's five captions of it, LLaVA's
-several conversations about it) all go to one side, so a held-out picture is never one the model trained on.
+several conversations about it) or play the same first clip all go to one side, so a held-out picture or
+clip is never one the model trained on (as VQA and CLEVR split their questions by image).
 The validation examples are written back as JSONL (the conversation schema) so the final evaluation can ask
 the model the held-out prompts.
 """
@@ -55,10 +56,11 @@ def reuse_tokenizer(path: str) -> Tokenizer:
 
 def hold_out(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
     """(train, val): about `fraction` of the examples held out, chosen from `seed`, the examples that share a
-    first picture kept together (module docstring); examples without one are each their own group."""
+    first picture (or, without one, a first clip) kept together (module docstring); examples without media
+    are each their own group."""
     groups: dict = {}
     for i, ex in enumerate(examples):
-        groups.setdefault(ex.images[0] if ex.images else i, []).append(ex)
+        groups.setdefault((ex.images or ex.audio or [i])[0], []).append(ex)
     order = list(groups.values())
     random.Random(seed).shuffle(order)
     n_val = max(1, int(len(examples) * fraction))

@@ -47,16 +47,17 @@ def write_tone(path: Path, hz: float, seconds: float, rate: int = 16000) -> None
 def tiny_run(tmp_path_factory) -> TinyRun:
     media = tmp_path_factory.mktemp("tiny_media")
     images, wavs, rows = {}, {}, []
-    for i, (name, rgb) in enumerate(COLORS.items()):
-        images[name], wavs[name] = media / f"{name}.png", media / f"{name}.wav"
-        Image.new("RGB", (20 + 3 * i, 17), rgb).save(images[name])
-        write_tone(wavs[name], 300 + 200 * i, 0.3)
     for k in range(15):
-        for name in COLORS:
-            rows.append({"image": images[name].name, "conversations": [
+        for i, (name, rgb) in enumerate(COLORS.items()):  # a picture and a clip of their own for every example
+            image, wav = media / f"{name}_{k}.png", media / f"{name}_{k}.wav"
+            Image.new("RGB", (20 + 3 * i + k % 4, 17 + k % 3), rgb).save(image)
+            write_tone(wav, 300 + 200 * i + k, 0.3)
+            images.setdefault(name, image)
+            wavs.setdefault(name, wav)
+            rows.append({"image": image.name, "conversations": [
                 {"role": "user", "content": "<image>\nWhat color is it?"},
                 {"role": "assistant", "content": f"It is {name}."}]})
-            rows.append({"audio": wavs[name].name, "conversations": [
+            rows.append({"audio": wav.name, "conversations": [
                 {"role": "user", "content": "<audio>\nWhich tone?"},
                 {"role": "assistant", "content": f"The {name} tone."}]})
         rows.append({"conversations": [{"role": "user", "content": f"Say {k}."},

@@ -97,9 +97,12 @@ def test_held_out_pictures_are_never_trained_on():
     from prepare.jsonl import hold_out
     examples = [Example("image", [("user", f"{IMAGE_MARKER}\nQ"), ("assistant", f"caption {i}")],
                         images=[f"/p/{i % 7}.jpg"], source=f"f:{i}") for i in range(35)]
+    examples += [Example("audio", [("user", "<audio>\nKeys?"), ("assistant", f"{i}")], audio=[f"/c/{i % 4}.wav"],
+                         source=f"a:{i}") for i in range(12)]
     examples += [Example("text", [("text", f"prose {i}")], source=f"g:{i}") for i in range(10)]
     for seed in range(5):
         train, val = hold_out(examples, 0.2, seed)
         assert sorted(e.source for e in train + val) == sorted(e.source for e in examples)
-        assert 9 <= len(val) <= 9 + 4  # the fraction, give or take the last picture's other captions
-        assert not {e.images[0] for e in val if e.images} & {e.images[0] for e in train if e.images}
+        assert 11 <= len(val) <= 11 + 4  # the fraction, give or take the last picture's other captions
+        media = lambda split: {(e.images or e.audio)[0] for e in split if e.images or e.audio}  # noqa: E731
+        assert not media(val) & media(train)
