@@ -54,10 +54,12 @@ def reuse_tokenizer(path: str) -> Tokenizer:
     raise FileNotFoundError(f"tokenizer_from={path!r}: neither {folder / 'ckpt.pt'} nor {folder / 'tokenizer'} exists")
 
 
-def hold_out(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+def hold_out(examples: list[Example], fraction: float, seed: int,
+             log=print) -> tuple[list[Example], list[Example]]:
     """(train, val): about `fraction` of the examples held out, chosen from `seed`, the examples that share a
     first picture (or, without one, a first clip) kept together (module docstring); examples without media
-    are each their own group."""
+    are each their own group. A group that would make val more than twice its share stays in train; when no
+    group fits, or nothing is left to train on, the examples are held out one by one, and the log says so."""
     groups: dict = {}
     for i, ex in enumerate(examples):
         groups.setdefault((ex.images or ex.audio or [i])[0], []).append(ex)
@@ -66,8 +68,13 @@ def hold_out(examples: list[Example], fraction: float, seed: int) -> tuple[list[
     n_val = max(1, int(len(examples) * fraction))
     train, val = [], []
     for group in order:
-        (val if len(val) < n_val else train).extend(group)
-    return train, val
+        (val if len(val) < n_val and len(val) + len(group) <= 2 * n_val else train).extend(group)
+    if val and train:
+        return train, val
+    log(f"val_fraction={fraction}: too few pictures or clips to hold out whole ones; held out {n_val} examples "
+        f"one by one, so the evaluation may ask about media it trained on")
+    order = [ex for group in order for ex in group]
+    return order[n_val:], order[:n_val]
 
 
 def as_row(ex: Example) -> dict:
@@ -90,7 +97,7 @@ def build(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
     train = read(cfg.train_files)
     val = read(cfg.val_files)
     if not val:
-        train, val = hold_out(train, cfg.val_fraction, cfg.data_seed)
+        train, val = hold_out(train, cfg.val_fraction, cfg.data_seed, log)
     write_jsonl(out_dir / "jsonl" / "val.jsonl", [as_row(ex) for ex in val])
     if tok is None:
         corpus = "\n".join(text for ex in train for _, text in ex.turns)

@@ -106,3 +106,15 @@ def test_held_out_pictures_are_never_trained_on():
         assert 11 <= len(val) <= 11 + 4  # the fraction, give or take the last picture's other captions
         media = lambda split: {(e.images or e.audio)[0] for e in split if e.images or e.audio}  # noqa: E731
         assert not media(val) & media(train)
+
+
+def test_too_few_pictures_to_hold_out_whole_ones_falls_back_and_says_so():
+    sys.path.insert(0, str(ROOT))
+    from minimm.formats import Example
+    from prepare.jsonl import hold_out
+    examples = [Example("image", [("user", f"{IMAGE_MARKER}\nQ{i}"), ("assistant", "A")], images=["/p/one.jpg"],
+                        source=f"f:{i}") for i in range(10)]
+    lines = []
+    train, val = hold_out(examples, 0.2, 0, log=lines.append)
+    assert len(val) == 2 and len(train) == 8  # one picture for all ten: held out one by one, not all ten
+    assert "too few pictures or clips" in lines[0]
