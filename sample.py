@@ -21,9 +21,9 @@ from typing import Optional
 import torch
 
 from minimm.audio import load_audio_features
-from minimm.chat import DEFAULT_TEMPERATURE, ask, load_model
+from minimm.chat import DEFAULT_QUESTION, DEFAULT_TEMPERATURE, ask, load_model, user_turn
 from minimm.config import ConfigError, load_config
-from minimm.formats import instruction_text, user_text
+from minimm.formats import instruction_text
 from minimm.vit import load_image
 
 
@@ -77,9 +77,6 @@ def main(argv: list[str]) -> None:
         print()
 
 
-DEFAULT_QUESTION = {"image": "Describe the image.", "audio": "Which keys were pressed?"}
-
-
 def media_turns(cfg: SampleConfig, model, ckpt: dict):
     """(images, audio, turns) for the prompt: each media file becomes a marker in the user turn."""
     images, audio = [], []
@@ -96,8 +93,7 @@ def media_turns(cfg: SampleConfig, model, ckpt: dict):
         question = instruction_text(question, cfg.input) if question else cfg.input
     if not question:
         return images, audio, []
-    text = user_text(question, len(images), len(audio), ckpt.get("config", {}).get("image_after_question", False))
-    return images, audio, [("user", text)]
+    return images, audio, [("user", user_turn(ckpt, question, len(images), len(audio)))]
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from minimm.formats import user_text
 from minimm.lora import load_lora
 from minimm.multimodal import MultimodalGPT
 from minimm.render import render_prompt
@@ -27,6 +28,15 @@ from minimm.vit import to_tensor
 
 # when the user gives no temperature: near-greedy for code (one wrong token breaks it), freer for prose
 DEFAULT_TEMPERATURE = {"code": 0.2, "text": 0.8, "image": 0.7, "audio": 0.0}
+# what a file sent without a question is asked (sample.py, the chat page)
+DEFAULT_QUESTION = {"image": "Describe the image.", "audio": "Which keys were pressed?"}
+
+
+def user_turn(ckpt: dict, text: str, n_images: int = 0, n_audio: int = 0) -> str:
+    """A user turn with markers for its files, laid out as the checkpoint's model was trained to read them: the
+    picture after the question if its config set image_after_question, else before (minimm.formats.user_text)."""
+    after = ckpt.get("config", {}).get("image_after_question", False)
+    return user_text(text, n_images, n_audio, image_after_text=after)
 
 
 def load_model(out_dir: str | Path, device: str = "cpu",

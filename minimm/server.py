@@ -11,7 +11,7 @@ What this file teaches:
   from the start until the prompt leaves room for an answer, and the page is told how many.
 - Uploads are decoded exactly as sample.py decodes files (minimm.vit for images, minimm.audio for WAV), and
   each becomes a marker in the user turn ("<image>\n", "<audio>\n"), laid out as in training
-  (minimm.formats.user_text: after the question for a model trained with image_after_question).
+  (minimm.chat.user_turn: after the question for a model trained with image_after_question).
 - Bad input is answered, never fatal: every check raises ApiError(status, message), which serve.py turns
   into a JSON error with that status.
 
@@ -36,14 +36,13 @@ import numpy as np
 from PIL import Image
 
 from minimm.audio import HOP_LENGTH, SAMPLE_RATE, load_audio_features
-from minimm.chat import DEFAULT_TEMPERATURE, ask
-from minimm.formats import AUDIO_MARKER, IMAGE_MARKER, user_text
+from minimm.chat import DEFAULT_QUESTION, DEFAULT_TEMPERATURE, ask, user_turn
+from minimm.formats import AUDIO_MARKER, IMAGE_MARKER
 from minimm.render import render_prompt
 from minimm.vit import image_to_uint8
 
 MAX_IMAGE_PIXELS = 4096 * 4096  # a few-kB PNG can declare a canvas that takes gigabytes to decode
 MAX_TEMPERATURE = 2.0
-DEFAULT_QUESTION = {"image": "Describe the image.", "audio": "Which keys were pressed?"}  # as sample.py
 
 
 class ApiError(Exception):
@@ -162,8 +161,7 @@ class Chat:
             if not images and not audio:
                 raise ApiError(400, f"turn {i} is empty: write something or attach a file")
             text = DEFAULT_QUESTION["image" if images else "audio"]
-        layout = self.ckpt.get("config", {}).get("image_after_question", False)  # as sample.py
-        return user_text(text, len(images), len(audio), layout), images, audio
+        return user_turn(self.ckpt, text, len(images), len(audio)), images, audio  # as sample.py
 
     def _image(self, data: bytes) -> np.ndarray:
         if not hasattr(self.model, "vision"):
