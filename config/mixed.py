@@ -53,6 +53,10 @@ task_weights = {"text": 0.1, "code": 1.1, "audio": 4 / 3}
 dtype = "bfloat16" if minimm.training.cpu_has_fast_bf16() and not torch.cuda.is_available() else "auto"
 
 batch_size = 16
+# each head's queries and keys scaled to RMS 1 (times a learned gain) before attention (minimm/gpt.py). Seeds 1 / 2,
+# code val loss 1.74 -> 1.64 / 1.88 -> 1.87, answers that parse 0.74 -> 0.88 / 0.76 -> 0.84; ~8% more time a step
+# (EXPERIMENTS.md)
+qk_norm = True
 # Muon for every Linear weight (minimm/muon.py). Same data and seed, against AdamW's 720 steps: val loss code 1.84
 # -> 1.68, image 0.50 -> 0.47, audio 0.034 -> 0.013 in 640 steps. Its Newton-Schulz iterations, batched per
 # matrix shape, add ~0.07 s to a ~0.85 s step; with the batched final evaluation, 700 Muon steps take a little

@@ -15,6 +15,10 @@ What is notable here:
 - `smear` (an option, on in train.py's configs): each position's input also carries a learned map of the
   previous position's input (smear=2: of the previous two), so a single attention layer can copy from the
   prompt (GPT.smear_previous).
+- `qk_norm` (an option, on in config/mixed.py): each head's queries and keys are scaled to RMS 1 (times a
+  learned gain) before the dot product (Henry et al. 2020, https://arxiv.org/abs/2010.04245; Dehghani et al.
+  2023, https://arxiv.org/abs/2302.05442). How sharply a head attends is then set by the gains alone, not by how
+  large the q and k projections happen to grow, and the attention logits cannot run away.
 
 Shape letters: B batch, T tokens, C channels (n_embd), nh heads, hs head size (C // nh), V vocabulary.
 """
@@ -34,6 +38,13 @@ from minimm.sampling import decode_loop
 from minimm.unlikelihood import cross_entropy_with_unlikelihood
 
 
+QK_NORM_EPS = 1e-6  # GPTConfig.qk_norm's RMSNorm epsilon (the OpenCL decoder uses the same)
+# the q and k norms' gains start at sqrt(2): a query and the key it matches then score up to 2 sqrt(hs) (~14 at
+# hs = 48) before the softmax, so a lookup can be sharp from the start (with gains of 1, seed 2 of the default
+# answered colour 0.65 instead of 0.78: EXPERIMENTS.md)
+QK_NORM_GAIN = 2 ** 0.5
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 4096
@@ -46,6 +57,7 @@ class GPTConfig:
     pos_emb: str = "rope"  # "rope" or "learned"
     rope_base: float = 10000.0
     smear: int = 0  # add learned maps of the previous 1 or 2 positions' inputs to each input (GPT.smear_previous)
+    qk_norm: bool = False  # RMS-normalise each head's queries and keys before the dot product
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -86,6 +98,13 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in that order
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        if config.qk_norm:
+            hs = config.n_embd // config.n_head
+            self.q_norm = nn.RMSNorm(hs, eps=QK_NORM_EPS)
+            self.k_norm = nn.RMSNorm(hs, eps=QK_NORM_EPS)
+            for norm in (self.q_norm, self.k_norm):  # q.k / sqrt(hs) starts at up to 2 sqrt(hs), not sqrt(hs)
+                nn.init.constant_(norm.weight, QK_NORM_GAIN)
+        self.qk_norm = config.qk_norm
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 kv_cache: KVCache | None, layer: int, segment_ids: torch.Tensor | None) -> torch.Tensor:
@@ -95,6 +114,9 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        if self.qk_norm:
+            # in float32 (under bf16 autocast too), then back to v's dtype: (B, nh, T, hs) each
+            q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:

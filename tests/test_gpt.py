@@ -152,6 +152,32 @@ def test_smear_adds_the_previous_inputs_and_keeps_examples_and_the_cache_apart(s
     torch.testing.assert_close(step, smeared(idx[:, :2])[0], rtol=1e-5, atol=1e-5)
 
 
+def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
+    normed, plain = tiny(qk_norm=True).eval(), tiny().eval()
+    C = normed.config.n_embd
+    idx = torch.randint(0, 101, (2, 23))
+    # per head, q and k are scaled to RMS 1 before the dot product: scaling c_attn's q and k rows (and biases)
+    # changes nothing; without qk_norm the same change sharpens every attention pattern
+    outputs = []
+    for model in (normed, plain):
+        before = model(idx, idx)[0]
+        with torch.no_grad():
+            for block in model.transformer.h:
+                block.attn.c_attn.weight[:2 * C] *= 7.0
+                block.attn.c_attn.bias[:2 * C] *= 7.0
+        outputs.append((before, model(idx, idx)[0]))
+    torch.testing.assert_close(outputs[0][1], outputs[0][0], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(outputs[1][1], outputs[1][0], rtol=1e-3, atol=1e-3)
+    # the gains are parameters (AdamW's no-decay group), one per head channel, shared by the heads
+    names = {n for n, _ in normed.named_parameters()} - {n for n, _ in plain.named_parameters()}
+    assert names == {f"transformer.h.{i}.attn.{w}_norm.weight" for i in range(2) for w in "qk"}
+    with torch.no_grad():  # a gain that is not 1 shows in the output
+        normed.transformer.h[0].attn.k_norm.weight.mul_(1.5)
+    assert not torch.allclose(normed(idx, idx)[0], outputs[0][1], rtol=1e-3, atol=1e-3)
+    with_cache = normed.generate(idx[:, :9], 30, temperature=0)
+    assert torch.equal(with_cache, normed.generate(idx[:, :9], 30, temperature=0, use_cache=False))
+
+
 def test_smear_must_be_0_1_or_2():
     with pytest.raises(ValueError, match="smear=3"):
         GPTConfig(smear=3)

@@ -107,6 +107,31 @@ def test_smear_matches_torch_packed_cached_and_in_gradients(pos_emb, smear):
             np.testing.assert_allclose(step.numpy(), model(expected[:, :t + 1])[0].numpy(), atol=ATOL)
 
 
+@pytest.mark.parametrize("pos_emb", ["rope", "learned"])
+def test_qk_norm_matches_torch_packed_cached_and_in_gradients(pos_emb):
+    model = small_gpt(seed=11, qk_norm=True, pos_emb=pos_emb).train()  # the q / k gains perturbed off 1
+    cl = OpenCLGPT.from_torch(model)
+    x, y = batch(12, B=2, T=15)
+    segments = torch.tensor([[0] * 6 + [1] * 9, [0] * 15])
+    logits, loss = model(x, y, segment_ids=segments)
+    loss.backward()
+    cl_logits, cl_loss = cl(x, y, segment_ids=segments)
+    np.testing.assert_allclose(cl_logits.numpy(), logits.detach().numpy(), atol=ATOL)
+    trainer = OpenCLTrainer(cl, learning_rate=1e-2, betas=(0.9, 0.95), weight_decay=0.1, grad_clip=1.0)
+    trainer.backward(x, y, segment_ids=segments)
+    for name, p in model.named_parameters():  # the norms' gains and everything under them
+        np.testing.assert_allclose(cl.params[name].grad.numpy(), p.grad.numpy(), atol=1e-5, rtol=1e-4,
+                                   err_msg=name)
+    prompt = batch(13, B=2, T=5)[0]  # generation: normalised keys go into the cache
+    expected = model.eval().generate(prompt, max_new_tokens=25, temperature=0)
+    assert torch.equal(cl.generate(prompt, max_new_tokens=25, temperature=0), expected)
+    cache = KVCache(cl.config, 2, cl.device)
+    cl(expected[:, :9], kv_cache=cache)
+    step = cl(expected[:, 9:11], kv_cache=cache)[0]  # two positions at once, at offset 9
+    with torch.no_grad():
+        np.testing.assert_allclose(step.numpy(), model(expected[:, :11])[0].numpy(), atol=ATOL)
+
+
 def test_checkpoint_with_compile_prefixes_loads():
     model = small_gpt(pos_emb="learned")
     buffer = io.BytesIO()

@@ -56,6 +56,13 @@ def split_heads_into_cache(qkv: Tensor, n_head: int, k_cache: Tensor, v_cache: T
     return q
 
 
+def write_into_cache(x: Tensor, cache: Tensor, offset: int) -> None:
+    """Generation: x: (B, nh, T, hs) copied into cache: (B, nh, Tcap, hs) at positions offset .. offset + T - 1.
+    Not differentiable."""
+    device, (B, nh, T, hs) = x.device, x.shape
+    heads.write_positions(device, B, nh, T, hs, cache.shape[2], offset, x.buf, cache.buf)
+
+
 def merge_heads(y: Tensor) -> Tensor:
     """(B, nh, T, hs) -> (B, T, C)."""
     device, (B, nh, T, hs) = y.device, y.shape

@@ -22,7 +22,7 @@ from typing import Callable, Mapping
 import numpy as np
 import torch
 
-from minimm.gpt import GPTConfig
+from minimm.gpt import QK_NORM_EPS, GPTConfig
 from minimm.rope import rope_tables
 from minimm.sampling import decode_loop
 from minimm.opencl import attention as A
@@ -95,7 +95,19 @@ class OpenCLGPT:
             h = f"transformer.h.{layer}."
             a = F.layer_norm(x, p(h + "ln_1.weight"), p(h + "ln_1.bias"))  # (B, T, C)
             qkv = F.linear(a, p(h + "attn.c_attn.weight"), p(h + "attn.c_attn.bias"))  # (B, T, 3C)
-            if kv_cache is None:
+            if cfg.qk_norm:  # GPTConfig.qk_norm: split, RMS-normalise q and k per head, then rotate
+                q, k, v = A.split_heads(qkv, cfg.n_head)  # each (B, nh, T, hs)
+                q = F.rms_norm(q, p(h + "attn.q_norm.weight"), QK_NORM_EPS)  # (B, nh, T, hs)
+                k = F.rms_norm(k, p(h + "attn.k_norm.weight"), QK_NORM_EPS)  # (B, nh, T, hs)
+                if self.rope is not None:
+                    q, k = A.rope(q, self.rope, offset), A.rope(k, self.rope, offset)
+                if kv_cache is None:
+                    y = A.merge_heads(A.attention(q, k, v, causal=True, segment_ids=segment_ids))  # (B, T, C)
+                else:
+                    A.write_into_cache(k, kv_cache.k[layer], offset)
+                    A.write_into_cache(v, kv_cache.v[layer], offset)
+                    y = A.cached_attention(q, kv_cache.k[layer], kv_cache.v[layer], key_count=offset + T)
+            elif kv_cache is None:
                 q, k, v = A.split_heads(qkv, cfg.n_head, self.rope)  # each (B, nh, T, hs)
                 y = A.attention(q, k, v, causal=True, segment_ids=segment_ids)  # (B, nh, T, hs)
                 y = A.merge_heads(y)  # (B, T, C)
@@ -239,6 +251,8 @@ def expected_parameter_names(config: GPTConfig) -> set[str]:
                   h + "mlp.c_fc.weight", h + "mlp.c_proj.weight"}
     if config.bias:
         names |= {n.replace(".weight", ".bias") for n in names if ".ln_" in n or ".c_" in n}
+    if config.qk_norm:  # RMSNorm gains, no bias
+        names |= {f"transformer.h.{layer}.attn.{n}_norm.weight" for layer in range(config.n_layer) for n in "qk"}
     return names
 
 

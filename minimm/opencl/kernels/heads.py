@@ -10,6 +10,8 @@
   That is a rotation, so its backward is the rotation by the opposite angle: the same code with -sin.
 - `join_heads_grad` is split_heads' backward: dq, dk, dv back into dqkv, rotated back.
 - `transpose_heads` is the plain (B, nh, T, hs) <-> (B, T, C) move for attention's output.
+- `write_positions` copies k or v: (B, nh, T, hs) into a cache (B, nh, Tcap, hs) at offset (generation with
+  GPTConfig.qk_norm, where k is normalised between the split and the cache).
 """
 from __future__ import annotations
 
@@ -95,6 +97,15 @@ __kernel void transpose_heads(const int B, const int T, const int nh, const int 
     if (to_tokens) out[i] = x[head_at];
     else out[head_at] = x[i];
 }
+
+/* x: (B, nh, T, hs) -> positions offset .. offset + T - 1 of cache: (B, nh, Tcap, hs); i indexes x */
+__kernel void write_positions(const int B, const int nh, const int T, const int hs, const int Tcap,
+                              const int offset, __global const float* x, __global float* cache) {
+    const int i = get_global_id(0);
+    if (i >= B * nh * T * hs) return;
+    const int d = i % hs, t = (i / hs) % T, bh = i / (T * hs);
+    cache[(bh * Tcap + offset + t) * hs + d] = x[i];
+}
 """
 
 
@@ -123,3 +134,8 @@ def rope(device: Device, B: int, nh: int, T: int, hs: int, x, cos_table, sin_tab
 def transpose_heads(device: Device, B: int, T: int, nh: int, hs: int, x, out, to_tokens: bool) -> None:
     launch_elements(device, device.kernel(SOURCE, "transpose_heads"), B * T * nh * hs, B, T, nh, hs,
                     int(to_tokens), x, out)
+
+
+def write_positions(device: Device, B: int, nh: int, T: int, hs: int, Tcap: int, offset: int, x, cache) -> None:
+    launch_elements(device, device.kernel(SOURCE, "write_positions"), B * nh * T * hs, B, nh, T, hs, Tcap, offset,
+                    x, cache)
