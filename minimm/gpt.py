@@ -39,10 +39,6 @@ from minimm.unlikelihood import cross_entropy_with_unlikelihood
 
 
 QK_NORM_EPS = 1e-6  # GPTConfig.qk_norm's RMSNorm epsilon (the OpenCL decoder uses the same)
-# the q and k norms' gains start at sqrt(2): a query and the key it matches then score up to 2 sqrt(hs) (~14 at
-# hs = 48) before the softmax, so a lookup can be sharp from the start (with gains of 1, seed 2 of the default
-# answered colour 0.65 instead of 0.78: EXPERIMENTS.md)
-QK_NORM_GAIN = 2 ** 0.5
 
 
 @dataclass
@@ -102,8 +98,6 @@ class CausalSelfAttention(nn.Module):
             hs = config.n_embd // config.n_head
             self.q_norm = nn.RMSNorm(hs, eps=QK_NORM_EPS)
             self.k_norm = nn.RMSNorm(hs, eps=QK_NORM_EPS)
-            for norm in (self.q_norm, self.k_norm):  # q.k / sqrt(hs) starts at up to 2 sqrt(hs), not sqrt(hs)
-                nn.init.constant_(norm.weight, QK_NORM_GAIN)
         self.qk_norm = config.qk_norm
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
