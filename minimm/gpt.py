@@ -105,12 +105,11 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         hs = C // self.n_head
         q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
-        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        q, k = q.view(B, T, self.n_head, hs), k.view(B, T, self.n_head, hs)  # each (B, T, nh, hs)
+        if self.qk_norm:  # in float32 (under bf16 autocast too), while each head's vector is contiguous
+            q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)  # (B, T, nh, hs)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # each (B, nh, T, hs)
         v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
-        if self.qk_norm:
-            # in float32 (under bf16 autocast too), then back to v's dtype: (B, nh, T, hs) each
-            q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if kv_cache is not None:
