@@ -55,6 +55,7 @@ class TrainConfig:
     dropout: float = 0.0
     bias: bool = True
     pos_emb: str = "rope"
+    activation: str = "gelu"  # the GPT's MLP: "gelu" or "relu2" (gpt.GPTConfig.activation)
     qk_norm: bool = False  # RMS-normalise each head's queries and keys before attention (gpt.GPTConfig.qk_norm)
     smear: int = 1  # each input also carries learned maps of the previous 1 or 2 inputs (gpt.GPT.smear_previous)
     # vision encoder, used when the data has images

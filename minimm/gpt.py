@@ -19,6 +19,8 @@ What is notable here:
   learned gain) before the dot product (Henry et al. 2020, https://arxiv.org/abs/2010.04245; Dehghani et al.
   2023, https://arxiv.org/abs/2302.05442). How sharply a head attends is then set by the gains alone, not by how
   large the q and k projections happen to grow, and the attention logits cannot run away.
+- `activation="relu2"` (an option): the MLP computes max(0, h)^2 instead of GELU (So et al. 2021, Primer:
+  https://arxiv.org/abs/2109.08668), a sparser, cheaper nonlinearity (the modded-nanogpt speedrun uses it too).
 
 Shape letters: B batch, T tokens, C channels (n_embd), nh heads, hs head size (C // nh), V vocabulary.
 """
@@ -54,10 +56,13 @@ class GPTConfig:
     rope_base: float = 10000.0
     smear: int = 0  # add learned maps of the previous 1 or 2 positions' inputs to each input (GPT.smear_previous)
     qk_norm: bool = False  # RMS-normalise each head's queries and keys before the dot product
+    activation: str = "gelu"  # the MLP's: "gelu" (GPT-2's tanh form) or "relu2" (ReLU squared)
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be a multiple of n_head={self.n_head}")
+        if self.activation not in ("gelu", "relu2"):
+            raise ValueError(f"activation={self.activation!r}: expected 'gelu' or 'relu2'")
         if int(self.smear) not in (0, 1, 2):
             raise ValueError(f"smear={self.smear}: expected 0 (off), 1 (the previous input) "
                              "or 2 (the previous two)")
@@ -125,9 +130,14 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.activation = config.activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.gelu(self.c_fc(x), approximate="tanh")  # (B, T, 4C); GPT-2's tanh form of GELU
+        h = self.c_fc(x)  # (B, T, 4C)
+        if self.activation == "relu2":  # max(0, h)^2, Primer's
+            h = F.relu(h).square()
+        else:  # GPT-2's tanh form of GELU
+            h = F.gelu(h, approximate="tanh")
         return self.dropout(self.c_proj(h))  # (B, T, C)
 
 

@@ -178,6 +178,17 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
     assert torch.equal(with_cache, normed.generate(idx[:, :9], 30, temperature=0, use_cache=False))
 
 
+def test_relu2_activation_is_max_0_x_squared_and_unknown_ones_are_refused():
+    gelu, relu2 = tiny().eval(), tiny(activation="relu2").eval()
+    relu2.load_state_dict(gelu.state_dict())  # the same weights: only the activation differs
+    mlp, x = relu2.transformer.h[0].mlp, torch.randn(2, 5, 36)
+    torch.testing.assert_close(mlp(x), mlp.c_proj(torch.clamp(mlp.c_fc(x), min=0) ** 2))
+    idx = torch.randint(0, 101, (2, 11))
+    assert not torch.allclose(relu2(idx)[0], gelu(idx)[0])
+    with pytest.raises(ValueError, match="activation='swish'"):
+        GPTConfig(activation="swish")
+
+
 def test_smear_must_be_0_1_or_2():
     with pytest.raises(ValueError, match="smear=3"):
         GPTConfig(smear=3)

@@ -213,6 +213,12 @@ def test_gelu_with_bias(dev, with_bias, approximate):
           lambda z, b: F.gelu(z if b is None else z + b, approximate=approximate), z, bias)
 
 
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_relu_squared_with_bias(dev, with_bias):
+    z, bias = randn(4, 7, 33, seed=3, scale=2.0), randn(33, seed=4) if with_bias else None
+    check(dev, Fcl.relu_squared, lambda z, b: F.relu(z if b is None else z + b).square(), z, bias)
+
+
 @pytest.mark.parametrize("with_bias,with_residual", [(True, False), (False, True), (True, True)])
 def test_linear(dev, with_bias, with_residual):
     x, w = randn(3, 11, 29, seed=1), randn(53, 29, seed=2, scale=0.2)

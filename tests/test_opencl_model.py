@@ -51,9 +51,10 @@ def batch(seed: int, B: int = 3, T: int = 17, V: int = 97, learnable: bool = Fal
     return x, y
 
 
-@pytest.mark.parametrize("pos_emb,bias", [("rope", True), ("learned", True), ("rope", False)])
-def test_logits_and_loss_match_torch(pos_emb, bias):
-    model = small_gpt(pos_emb=pos_emb, bias=bias)
+@pytest.mark.parametrize("pos_emb,bias,activation", [("rope", True, "gelu"), ("learned", True, "gelu"),
+                                                     ("rope", False, "gelu"), ("rope", True, "relu2")])
+def test_logits_and_loss_match_torch(pos_emb, bias, activation):
+    model = small_gpt(pos_emb=pos_emb, bias=bias, activation=activation)
     cl = OpenCLGPT.from_torch(model)
     x, y = batch(1)
     with torch.no_grad():
@@ -109,7 +110,8 @@ def test_smear_matches_torch_packed_cached_and_in_gradients(pos_emb, smear):
 
 @pytest.mark.parametrize("pos_emb", ["rope", "learned"])
 def test_qk_norm_matches_torch_packed_cached_and_in_gradients(pos_emb):
-    model = small_gpt(seed=11, qk_norm=True, pos_emb=pos_emb).train()  # the q / k gains perturbed off 1
+    # the q / k gains perturbed off 1; the MLP with ReLU squared (GPTConfig.activation) on the same path
+    model = small_gpt(seed=11, qk_norm=True, pos_emb=pos_emb, activation="relu2").train()
     cl = OpenCLGPT.from_torch(model)
     x, y = batch(12, B=2, T=15)
     segments = torch.tensor([[0] * 6 + [1] * 9, [0] * 15])

@@ -93,16 +93,24 @@ def gelu(z: Tensor, bias: Tensor | None = None, approximate: str = "tanh") -> Te
     approximate: "tanh" (the GPT's) or "none" (the erf form, F.gelu's default), as in F.gelu."""
     if approximate not in ("tanh", "none"):
         raise ValueError(f"approximate={approximate!r}: expected 'tanh' or 'none'")
-    exact = approximate == "none"
+    return _bias_activation(z, bias, "gelu" if approximate == "none" else "gelu_tanh")
+
+
+def relu_squared(z: Tensor, bias: Tensor | None = None) -> Tensor:
+    """max(0, z + bias)^2, the GPT's MLP activation with GPTConfig(activation="relu2"). z: (..., N), bias: (N,)."""
+    return _bias_activation(z, bias, "relu2")
+
+
+def _bias_activation(z: Tensor, bias: Tensor | None, kind: str) -> Tensor:
     device, cols = z.device, z.shape[-1]
     rows = z.size // cols
     bias_buf = None if bias is None else bias.buf
     out = Tensor(device, z.shape)
-    elementwise.bias_gelu_forward(device, rows, cols, z.buf, bias_buf, out.buf, exact)
+    elementwise.bias_activation_forward(device, rows, cols, z.buf, bias_buf, out.buf, kind)
 
     def backward(dy: Tensor) -> None:
         dz = Tensor(device, z.shape)
-        elementwise.bias_gelu_backward(device, rows, cols, z.buf, bias_buf, dy.buf, dz.buf, exact)
+        elementwise.bias_activation_backward(device, rows, cols, z.buf, bias_buf, dy.buf, dz.buf, kind)
         if wants_grad(bias):
             elementwise.column_sum(device, rows, cols, dz.buf, zero_grad_buffer(bias), accumulate=True)
         if wants_grad(z):

@@ -117,7 +117,8 @@ class OpenCLGPT:
                 y = A.cached_attention(q, k, v, key_count=offset + T)  # (B, T, C)
             x = F.linear(y, p(h + "attn.c_proj.weight"), p(h + "attn.c_proj.bias"), residual=x)  # (B, T, C)
             a = F.layer_norm(x, p(h + "ln_2.weight"), p(h + "ln_2.bias"))  # (B, T, C)
-            a = F.gelu(F.linear(a, p(h + "mlp.c_fc.weight")), p(h + "mlp.c_fc.bias"))  # (B, T, 4C)
+            act = F.relu_squared if cfg.activation == "relu2" else F.gelu
+            a = act(F.linear(a, p(h + "mlp.c_fc.weight")), p(h + "mlp.c_fc.bias"))  # (B, T, 4C)
             x = F.linear(a, p(h + "mlp.c_proj.weight"), p(h + "mlp.c_proj.bias"), residual=x)  # (B, T, C)
         if kv_cache is not None:
             kv_cache.pos += T

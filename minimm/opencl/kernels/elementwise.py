@@ -1,12 +1,13 @@
-"""Element-wise kernels: a * x + b * y, products, GELU with its bias, bias gradients, time steps.
+"""Element-wise kernels: a * x + b * y, products, activations with their bias, bias gradients, time steps.
 
 - One kernel `axpby` (BLAS's name for alpha * x + beta * y) is the residual add, the gradient
   accumulation, the scale and the copy: fewer kernels to read, one to test.
 - GELU (Hendrycks & Gimpel 2016, https://arxiv.org/abs/1606.08415), fused with the bias of the linear
-  layer before it, so the pre-activation is read once: the tanh form (`exact` = 0, GPT-2's and the
-  GPT's) or the erf form (`exact` = 1, PyTorch's default, the ViT's). The backward recomputes the
-  activation rather than storing it: memory is what limits a training batch, arithmetic is cheap. The
-  derivatives are written in the same order as PyTorch's GeluBackward, so the two agree to rounding.
+  layer before it, so the pre-activation is read once: the tanh form (kind 0, GPT-2's and the GPT's)
+  or the erf form (kind 1, PyTorch's default, the ViT's); kind 2 is ReLU squared, max(0, x)^2 (the GPT's
+  with GPTConfig(activation="relu2")). The backward recomputes the activation rather than storing it:
+  memory is what limits a training batch, arithmetic is cheap. The GELU derivatives are written in the
+  same order as PyTorch's GeluBackward, so the two agree to rounding.
 - `column_sum` turns a (rows, cols) gradient into a bias gradient with one work-item per column and a
   sequential loop over rows: deterministic, unlike atomics.
 
@@ -59,21 +60,32 @@ float gelu_derivative(const float x, const int exact) {
     return left_derivative + right_derivative;
 }
 
-/* out = gelu(z + bias[col]); z: (rows, cols), bias: (cols,) or NULL */
-__kernel void bias_gelu_forward(const int n, const int cols, const int exact, __global const float* z,
-                                __global const float* bias, __global float* out) {
-    const int i = get_global_id(0);
-    if (i >= n) return;
-    out[i] = gelu(bias ? z[i] + bias[i % cols] : z[i], exact);
+/* kind: 0 GELU (tanh form), 1 GELU (erf form), 2 ReLU squared: max(0, x)^2 */
+float activation(const float x, const int kind) {
+    if (kind == 2) return x > 0.0f ? x * x : 0.0f;
+    return gelu(x, kind);
 }
 
-/* dz = dout * gelu'(z + bias[col]) */
-__kernel void bias_gelu_backward(const int n, const int cols, const int exact, __global const float* z,
-                                 __global const float* bias, __global const float* dout,
-                                 __global float* dz) {
+float activation_derivative(const float x, const int kind) {
+    if (kind == 2) return x > 0.0f ? 2.0f * x : 0.0f;
+    return gelu_derivative(x, kind);
+}
+
+/* out = activation(z + bias[col]); z: (rows, cols), bias: (cols,) or NULL */
+__kernel void bias_activation_forward(const int n, const int cols, const int kind, __global const float* z,
+                                      __global const float* bias, __global float* out) {
     const int i = get_global_id(0);
     if (i >= n) return;
-    dz[i] = dout[i] * gelu_derivative(bias ? z[i] + bias[i % cols] : z[i], exact);
+    out[i] = activation(bias ? z[i] + bias[i % cols] : z[i], kind);
+}
+
+/* dz = dout * activation'(z + bias[col]) */
+__kernel void bias_activation_backward(const int n, const int cols, const int kind, __global const float* z,
+                                       __global const float* bias, __global const float* dout,
+                                       __global float* dz) {
+    const int i = get_global_id(0);
+    if (i >= n) return;
+    dz[i] = dout[i] * activation_derivative(bias ? z[i] + bias[i % cols] : z[i], kind);
 }
 
 /* out[col] (+)= sum over rows of x[row, col] */
@@ -125,14 +137,17 @@ def mul(device: Device, n: int, x, y, out, accumulate: bool = False) -> None:
     launch_elements(device, device.kernel(SOURCE, "mul"), n, n, x, y, out, int(accumulate))
 
 
-def bias_gelu_forward(device: Device, rows: int, cols: int, z, bias, out, exact: bool = False) -> None:
-    launch_elements(device, device.kernel(SOURCE, "bias_gelu_forward"), rows * cols, rows * cols, cols,
-                    int(exact), z, bias, out)
+ACTIVATIONS = {"gelu_tanh": 0, "gelu": 1, "relu2": 2}  # the kernels' kind codes
 
 
-def bias_gelu_backward(device: Device, rows: int, cols: int, z, bias, dout, dz, exact: bool = False) -> None:
-    launch_elements(device, device.kernel(SOURCE, "bias_gelu_backward"), rows * cols, rows * cols, cols,
-                    int(exact), z, bias, dout, dz)
+def bias_activation_forward(device: Device, rows: int, cols: int, z, bias, out, kind: str) -> None:
+    launch_elements(device, device.kernel(SOURCE, "bias_activation_forward"), rows * cols, rows * cols, cols,
+                    ACTIVATIONS[kind], z, bias, out)
+
+
+def bias_activation_backward(device: Device, rows: int, cols: int, z, bias, dout, dz, kind: str) -> None:
+    launch_elements(device, device.kernel(SOURCE, "bias_activation_backward"), rows * cols, rows * cols, cols,
+                    ACTIVATIONS[kind], z, bias, dout, dz)
 
 
 def column_sum(device: Device, rows: int, cols: int, x, out, accumulate: bool = False) -> None:
