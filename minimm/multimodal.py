@@ -84,8 +84,7 @@ def model_args_from_config(cfg, vocab_size: int, image_token_id: int, audio_toke
     images / audio: whether the model gets that encoder (train.py: whether the data holds any)."""
     gpt = dict(vocab_size=vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer, n_head=cfg.n_head,
                n_embd=cfg.n_embd, dropout=cfg.dropout, bias=cfg.bias, pos_emb=cfg.pos_emb,
-               smear=cfg.smear, qk_norm=cfg.qk_norm,
-               activation=cfg.activation)
+               smear=cfg.smear, qk_norm=cfg.qk_norm, activation=cfg.activation)
     vision = dict(image_size=cfg.image_size, patch_size=cfg.patch_size, n_layer=cfg.vit_n_layer,
                   n_head=cfg.vit_n_head, n_embd=cfg.vit_n_embd)
     audio_encoder = dict(n_layer=cfg.audio_n_layer, n_head=cfg.audio_n_head, n_embd=cfg.audio_n_embd)

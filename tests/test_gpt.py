@@ -168,7 +168,7 @@ def test_qk_norm_makes_attention_blind_to_the_scale_of_queries_and_keys():
         outputs.append((before, model(idx, idx)[0]))
     torch.testing.assert_close(outputs[0][1], outputs[0][0], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(outputs[1][1], outputs[1][0], rtol=1e-3, atol=1e-3)
-    # the gains are parameters (AdamW's no-decay group), one per head channel, shared by the heads
+    # the gains are the only new parameters: one per head channel, shared by the heads
     names = {n for n, _ in normed.named_parameters()} - {n for n, _ in plain.named_parameters()}
     assert names == {f"transformer.h.{i}.attn.{w}_norm.weight" for i in range(2) for w in "qk"}
     with torch.no_grad():  # a gain that is not 1 shows in the output

@@ -81,21 +81,26 @@ def test_segment_ids_keep_packed_examples_apart():
     assert abs(cl_loss.item() - loss.item()) < 1e-5
 
 
-@pytest.mark.parametrize("pos_emb,smear", [("rope", 1), ("learned", 1), ("rope", 2)])
-def test_smear_matches_torch_packed_cached_and_in_gradients(pos_emb, smear):
-    model = small_gpt(seed=7, smear=smear, pos_emb=pos_emb).train()  # smear weight ~0.05 after the noise
-    cl = OpenCLGPT.from_torch(model)
-    x, y = batch(8, B=2, T=13)
-    segments = torch.tensor([[0] * 4 + [1] * 9, [0] * 10 + [1] * 3])  # the first example of each row ends early
+def assert_trains_like_torch(model: GPT, cl: OpenCLGPT, x, y, segments) -> None:
+    """The OpenCL copy's logits and every parameter's gradient equal the PyTorch model's on one packed batch."""
     logits, loss = model(x, y, segment_ids=segments)
     loss.backward()
     cl_logits, cl_loss = cl(x, y, segment_ids=segments)
     np.testing.assert_allclose(cl_logits.numpy(), logits.detach().numpy(), atol=ATOL)
     trainer = OpenCLTrainer(cl, learning_rate=1e-2, betas=(0.9, 0.95), weight_decay=0.1, grad_clip=1.0)
     trainer.backward(x, y, segment_ids=segments)
-    for name, p in model.named_parameters():  # the shift's backward included (smear and wte grads)
+    for name, p in model.named_parameters():
         np.testing.assert_allclose(cl.params[name].grad.numpy(), p.grad.numpy(), atol=1e-5, rtol=1e-4,
                                    err_msg=name)
+
+
+@pytest.mark.parametrize("pos_emb,smear", [("rope", 1), ("learned", 1), ("rope", 2)])
+def test_smear_matches_torch_packed_cached_and_in_gradients(pos_emb, smear):
+    model = small_gpt(seed=7, smear=smear, pos_emb=pos_emb).train()  # smear weight ~0.05 after the noise
+    cl = OpenCLGPT.from_torch(model)
+    x, y = batch(8, B=2, T=13)
+    segments = torch.tensor([[0] * 4 + [1] * 9, [0] * 10 + [1] * 3])  # the first example of each row ends early
+    assert_trains_like_torch(model, cl, x, y, segments)  # the shift's backward included (smear and wte grads)
     # generation: the KV cache hands the last input to the next step, as GPT's does
     prompt = batch(9, B=2, T=5)[0]
     expected = model.eval().generate(prompt, max_new_tokens=25, temperature=0)
@@ -115,15 +120,7 @@ def test_qk_norm_matches_torch_packed_cached_and_in_gradients(pos_emb):
     cl = OpenCLGPT.from_torch(model)
     x, y = batch(12, B=2, T=15)
     segments = torch.tensor([[0] * 6 + [1] * 9, [0] * 15])
-    logits, loss = model(x, y, segment_ids=segments)
-    loss.backward()
-    cl_logits, cl_loss = cl(x, y, segment_ids=segments)
-    np.testing.assert_allclose(cl_logits.numpy(), logits.detach().numpy(), atol=ATOL)
-    trainer = OpenCLTrainer(cl, learning_rate=1e-2, betas=(0.9, 0.95), weight_decay=0.1, grad_clip=1.0)
-    trainer.backward(x, y, segment_ids=segments)
-    for name, p in model.named_parameters():  # the norms' gains and everything under them
-        np.testing.assert_allclose(cl.params[name].grad.numpy(), p.grad.numpy(), atol=1e-5, rtol=1e-4,
-                                   err_msg=name)
+    assert_trains_like_torch(model, cl, x, y, segments)  # the norms' gains and everything under them
     prompt = batch(13, B=2, T=5)[0]  # generation: normalised keys go into the cache
     expected = model.eval().generate(prompt, max_new_tokens=25, temperature=0)
     assert torch.equal(cl.generate(prompt, max_new_tokens=25, temperature=0), expected)
