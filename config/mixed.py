@@ -54,9 +54,9 @@ dtype = "bfloat16" if minimm.training.cpu_has_fast_bf16() and not torch.cuda.is_
 
 batch_size = 16
 # each head's queries and keys scaled to RMS 1 (times a learned gain) before attention (minimm/gpt.py). Seeds 1 / 2 /
-# 3: code val loss 1.74 / 1.88 / 1.81 -> 1.62 / 1.83 / 1.76, the 50 held-out answers parse 0.74 / 0.76 / 0.84 -> 0.82 /
-# 0.88 / 0.86 (over 250: 0.776 -> 0.792); image place and description ~0.05 lower, audio ~0.02; ~8% more time
-# a step (EXPERIMENTS.md)
+# 3: code val loss 1.74 / 1.88 / 1.81 -> 1.62 / 1.83 / 1.76, the 50 held-out answers parse 0.74 / 0.76 / 0.84 ->
+# 0.82 / 0.88 / 0.86 (over 250, seed 1: 0.776 -> 0.792); image place and description ~0.05 lower, audio ~0.02;
+# ~8% more time a step (EXPERIMENTS.md)
 qk_norm = True
 # Muon for every Linear weight (minimm/muon.py). Same data and seed, against AdamW's 720 steps: val loss code 1.84
 # -> 1.68, image 0.50 -> 0.47, audio 0.034 -> 0.013 in 640 steps. Its Newton-Schulz iterations, batched per
