@@ -91,6 +91,7 @@ class OpenCLGPT:
                 kv_cache.last_inputs = ([F.select_time(x, -1 - j) for j in range(min(T, int(cfg.smear)))]
                                         + cached)[:int(cfg.smear)]
             x = out
+        activation = F.relu_squared if cfg.activation == "relu2" else F.gelu  # the MLP's (GPTConfig.activation)
         for layer in range(cfg.n_layer):
             h = f"transformer.h.{layer}."
             a = F.layer_norm(x, p(h + "ln_1.weight"), p(h + "ln_1.bias"))  # (B, T, C)
@@ -117,8 +118,7 @@ class OpenCLGPT:
                 y = A.cached_attention(q, k, v, key_count=offset + T)  # (B, T, C)
             x = F.linear(y, p(h + "attn.c_proj.weight"), p(h + "attn.c_proj.bias"), residual=x)  # (B, T, C)
             a = F.layer_norm(x, p(h + "ln_2.weight"), p(h + "ln_2.bias"))  # (B, T, C)
-            act = F.relu_squared if cfg.activation == "relu2" else F.gelu
-            a = act(F.linear(a, p(h + "mlp.c_fc.weight")), p(h + "mlp.c_fc.bias"))  # (B, T, 4C)
+            a = activation(F.linear(a, p(h + "mlp.c_fc.weight")), p(h + "mlp.c_fc.bias"))  # (B, T, 4C)
             x = F.linear(a, p(h + "mlp.c_proj.weight"), p(h + "mlp.c_proj.bias"), residual=x)  # (B, T, C)
         if kv_cache is not None:
             kv_cache.pos += T
