@@ -14,7 +14,7 @@ What is notable here:
 - Input and output embeddings are tied (Press & Wolf 2016, https://arxiv.org/abs/1608.05859).
 - `smear` (an option, on in train.py's configs): each position's input also carries a learned map of the
   previous position's input (smear=2: of the previous two), so a single attention layer can copy from the
-  prompt (GPT.smear_previous).
+  prompt (minimm/smear.py).
 - `qk_norm` (an option, on in config/mixed.py): each head's queries and keys are scaled to RMS 1 (times a
   learned gain) before the dot product (Henry et al. 2020, https://arxiv.org/abs/2010.04245; Dehghani et al.
   2023, https://arxiv.org/abs/2302.05442). How sharply a head attends is then set by the gains alone, not by how
@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from minimm import ops
 from minimm.rope import apply_rope, rope_tables
 from minimm.sampling import decode_loop
+from minimm.smear import smear_previous
 from minimm.unlikelihood import cross_entropy_with_unlikelihood
 
 
@@ -256,39 +257,10 @@ class GPT(nn.Module):
 
     def smear_previous(self, x: torch.Tensor, segment_ids: torch.Tensor | None,
                        kv_cache: KVCache | None) -> torch.Tensor:
-        """x_t + W1 x_(t-1) (+ W2 x_(t-2) with smear=2): each position also carries learned maps of the
-        previous inputs.
-
-        Copying from the prompt ("def parse(self, line):" in the question, the same line to start the
-        answer) is what induction heads do (Olsson et al. 2022, https://arxiv.org/abs/2209.11895): a
-        head in one layer finds the earlier position whose *previous* token equals the current token, and
-        copies what sits there. Plain attention needs a first layer just to fetch "my previous token";
-        this gives it to every position at the input, so a single layer can do the match. modded-nanogpt
-        calls a gated variant "smear". With smear=2 a position also carries the token before that, so the
-        match can be on two tokens: after "test, " in "def addSkip(self, test, reason):" one earlier
-        position follows ", " preceded by "test", while two follow ", " alone (the next word is "test" or
-        "reason"). Each W starts at zero (the plain GPT); an input from before the example's first
-        position (t = 0, or the start of a packed example) adds nothing.
-        x: (B, T, C) -> (B, T, C).
-        """
-        B, T, C = x.shape
-        cached = kv_cache.last_inputs if kv_cache is not None and kv_cache.pos > 0 else []
-        starts = None
-        if segment_ids is not None:  # packed rows: no input crosses into the next example
-            starts = torch.ones_like(segment_ids, dtype=torch.bool)
-            starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]  # (B, T)
-        out, shifted = x, x
-        for back in range(1, int(self.config.smear) + 1):
-            # shifted[:, t] = the input `back` positions before t; before this call's first, from the cache
-            first = cached[back - 1] if back <= len(cached) else x.new_zeros(B, C)  # (B, C)
-            shifted = torch.cat([first[:, None], shifted[:, :-1]], dim=1)  # (B, T, C)
-            if starts is not None:  # shifting twice masks both x_(t-1) and x_(t-2) at a start
-                shifted = shifted.masked_fill(starts[..., None], 0.0)
-            out = out + self.smear_map(back)(shifted)
-        if kv_cache is not None:  # the newest inputs, newest first, for the next call
-            kv_cache.last_inputs = ([x[:, T - 1 - j] for j in range(min(T, self.config.smear))]
-                                    + cached)[:self.config.smear]
-        return out  # (B, T, C)
+        """x_t + W1 x_(t-1) (+ W2 x_(t-2) with smear=2), kept inside each packed example: why, and how,
+        in minimm/smear.py. x: (B, T, C) -> (B, T, C)."""
+        maps = [self.smear_map(back) for back in range(1, int(self.config.smear) + 1)]
+        return smear_previous(x, maps, segment_ids, kv_cache)  # (B, T, C)
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; the tied embedding is counted once, and left out with non_embedding."""
