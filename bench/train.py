@@ -77,7 +77,7 @@ def main() -> None:
     ap.add_argument("--block_size", type=int, default=256)
     ap.add_argument("--n_layer", type=int, default=4)
     ap.add_argument("--n_head", type=int, default=4)
-    ap.add_argument("--n_embd", type=int, default=192)
+    ap.add_argument("--n_embd", type=int, default=256)
     ap.add_argument("--vocab_size", type=int, default=2048)
     ap.add_argument("--gpt2", action="store_true", help="GPT-2 124M shape: 12 layers, 12 heads, 768, T=1024")
     ap.add_argument("--compile", action="store_true")

@@ -96,7 +96,7 @@ def test_attention_through_ops_with_transposed_views():
 
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_head_size_not_a_power_of_two(causal):
-    """hs = 48 (the bundled config's n_embd 192 / 4 heads) runs in 64-wide tiles with zero padding."""
+    """hs = 48 (n_embd 192 / 4 heads, say) runs in 64-wide tiles with zero padding."""
     check_op(lambda q, k, v: triton_attention(q, k, v, causal=causal), math_attention(causal),
              qkv(1, 2, 29, 48, torch.float32, seed=6), atol=1e-5, rtol=1e-5)
 

@@ -83,7 +83,7 @@ def test_a_trained_runs_encoder_is_probed_frozen(tmp_path):
     assert not any(p.requires_grad for p in encoder.parameters())
     assert encoder(torch.randn(2, 3, 24, 24)).shape == (2, 9, 32)
     with pytest.raises(SystemExit, match="pass the run's own --config"):
-        vision_probe.TrainedEncoder(str(tmp_path / "run"), image_size=48, n_embd=192)  # config/mixed.py's sizes
+        vision_probe.TrainedEncoder(str(tmp_path / "run"), image_size=48, n_embd=256)  # config/mixed.py's sizes
 
     config = tmp_path / "tiny_config.py"
     config.write_text("".join(f"{s[2:].split('=')[0]} = {s.split('=')[1]}\n" for s in sizes))
