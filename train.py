@@ -33,7 +33,8 @@ from minimm.plot import plot_losses
 from minimm.quant import memory_report
 from minimm.tokenizer import Tokenizer
 from minimm.training import (backward_token_weighted, backward_token_weighted_opencl, configure_optimizer,
-                             evaluate_loss, learning_rate_at, load_checkpoint, save_checkpoint, unwrap)
+                             evaluate_loss, learning_rate_at, load_checkpoint, save_checkpoint,
+                             task_loss_weight_vector, unwrap)
 
 cfg = load_config(sys.argv[1:])
 
@@ -93,6 +94,10 @@ if master:
 if ddp:
     torch.distributed.barrier()
 tok = Tokenizer.load(data_dir / "tokenizer")
+try:
+    loss_weights = task_loss_weight_vector(cfg.task_loss_weights, tok.tasks)
+except ValueError as e:
+    sys.exit(str(e))
 train_split = Split(data_dir, "train", cfg.block_size, cfg.task_weights)
 train_batches = Batches(train_split, cfg.batch_size, cfg.seed, rank, world_size)
 val_batches = Batches(Split(data_dir, "val", cfg.block_size), cfg.batch_size, cfg.seed + 1)
@@ -146,9 +151,9 @@ if cfg.init_from == "resume":
 opencl_trainer = None
 if opencl:
     if (model_args["vision"] or model_args["audio"] or cfg.lora_rank or cfg.dropout or cfg.optimizer != "adamw"
-            or cfg.unlikelihood):
-        sys.exit("--device=opencl trains the text decoder with AdamW (no images, audio, LoRA, dropout, Muon or "
-                 "unlikelihood yet)")
+            or cfg.unlikelihood or loss_weights is not None):
+        sys.exit("--device=opencl trains the text decoder with AdamW (no images, audio, LoRA, dropout, Muon, "
+                 "unlikelihood or task_loss_weights yet)")
     from minimm.opencl import OpenCLGPT, OpenCLTrainer
     opencl_trainer = OpenCLTrainer(OpenCLGPT.from_torch(model.gpt, cfg.device), cfg.learning_rate,
                                    (cfg.beta1, cfg.beta2), cfg.weight_decay, cfg.grad_clip)
@@ -241,7 +246,7 @@ while step < cfg.max_iters and not stop_requested:
         task_loss, task_count = backward_token_weighted_opencl(opencl_trainer, micro_batches, len(tok.tasks))
     else:
         task_loss, task_count = backward_token_weighted(model, micro_batches, len(tok.tasks), autocast, scaler,
-                                                        world_size, ddp, cfg.unlikelihood)
+                                                        world_size, ddp, cfg.unlikelihood, loss_weights)
     step_loss = (task_loss.sum() / task_count.sum().clamp(min=1)).item()
     if not torch.isfinite(torch.tensor(step_loss)):
         bar.close()

@@ -45,6 +45,8 @@ class TrainConfig:
     max_bad_fraction: float = 0.1
     strict: bool = False  # stop at the first unreadable image or audio file instead of skipping it
     task_weights: dict = field(default_factory=dict)  # {task: weight}: how often packed examples are drawn
+    # {task: weight}: how much each of its supervised tokens counts in the loss (default 1; minimm/training.py)
+    task_loss_weights: dict = field(default_factory=dict)
     n_images: int = 4000  # bundled image questions (training split; times data_scale)
     n_audio: int = 2000  # bundled audio clips (training split; times data_scale)
     # model

@@ -10,6 +10,9 @@ What this file teaches:
 - Token-weighted gradient accumulation: the loss of a step is the sum of per-token losses over every
   micro-batch divided by the step's total count of supervised tokens. A mean of micro-batch means would
   weight a micro-batch with 3 answer tokens like one with 300; this way the step equals one big batch.
+  Per-task loss weights (task_loss_weights) make it a weighted mean, sum(w * loss) / sum(w): a task whose
+  answers are a few tokens long (an image question's "top left") then gets more of each step's gradient than
+  its share of the supervised tokens, without more tokens or time.
 - Checkpoints are written to a temporary file and renamed, so a crash mid-write never destroys the last
   good checkpoint; they load with weights_only=True (no arbitrary code runs on load).
 """
@@ -85,12 +88,33 @@ def learning_rate_at(step: int, learning_rate: float, min_lr: float, warmup_iter
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
 
-def count_supervised(batches: list, world_size: int = 1) -> torch.Tensor:
-    """Supervised target tokens across the micro-batches of one step (and every rank under DDP)."""
-    count = sum((b.y != -100).sum() for b in batches).float()
+def count_supervised(batches: list, world_size: int = 1, loss_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Supervised target tokens across the micro-batches of one step (and every rank under DDP); with
+    loss_weights, (n_tasks,), each token counts its task's weight."""
+    count = sum(_token_weights(b, loss_weights).sum() for b in batches).float()
     if world_size > 1:
         torch.distributed.all_reduce(count)
     return count
+
+
+def task_loss_weight_vector(weights: dict, tasks: list[str]) -> torch.Tensor | None:
+    """{task: weight} (config's task_loss_weights) as a (n_tasks,) tensor in the tokenizer's task order, 1 for
+    a task not named; None when none is given. A task the data does not have, or a negative weight, is an error."""
+    if not weights:
+        return None
+    unknown = sorted(set(weights) - set(tasks))
+    if unknown:
+        raise ValueError(f"task_loss_weights names {unknown}, not a task of this data; its tasks: {tasks}")
+    negative = {t: w for t, w in weights.items() if not float(w) >= 0}
+    if negative:
+        raise ValueError(f"task_loss_weights must be >= 0, got {negative}")
+    return torch.tensor([float(weights.get(t, 1.0)) for t in tasks])
+
+
+def _token_weights(b, loss_weights: torch.Tensor | None) -> torch.Tensor:
+    """(B, T): each target token's weight in the loss, 0 where it is not supervised."""
+    valid = (b.y != -100).float()
+    return valid if loss_weights is None else valid * loss_weights[b.task_ids]
 
 
 def _add_task_losses(task_loss: torch.Tensor, task_count: torch.Tensor, token_loss: torch.Tensor, b) -> None:
@@ -102,16 +126,20 @@ def _add_task_losses(task_loss: torch.Tensor, task_count: torch.Tensor, token_lo
 
 def backward_token_weighted(model: nn.Module, micro_batches: list, n_tasks: int, autocast, scaler,
                             world_size: int = 1, ddp: bool = False,
-                            unlikelihood: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+                            unlikelihood: float = 0.0,
+                            loss_weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward and backward every micro-batch of one step, each loss = its sum of per-token losses over
-    the step's count of supervised tokens; returns per-task (loss sums, token counts) for the log.
+    the step's count of supervised tokens; returns per-task (loss sums, token counts) for the log, unweighted.
+    loss_weights, (n_tasks,): each token's loss times its task's weight, over the sum of the weights.
 
     A micro-batch with no supervised token adds zero to the gradient, never NaN. unlikelihood > 0 adds
     that weight times the unlikelihood of each position's wrong induction copy (minimm/unlikelihood.py)
     to its loss, and so to the logged train loss.
     """
     device = micro_batches[0].y.device
-    n_supervised = count_supervised(micro_batches, world_size).clamp(min=1)
+    if loss_weights is not None:
+        loss_weights = loss_weights.to(device)
+    n_supervised = count_supervised(micro_batches, world_size, loss_weights).clamp(min=1e-6)  # 0 only if no loss
     task_loss = torch.zeros(n_tasks, device=device)
     task_count = torch.zeros(n_tasks, device=device)
     for m, b in enumerate(micro_batches):
@@ -122,7 +150,8 @@ def backward_token_weighted(model: nn.Module, micro_batches: list, n_tasks: int,
             _, token_loss = model(b.x, b.y, segment_ids=b.segment_ids, reduction="none", return_logits=False,
                                   negatives=negatives, unlikelihood=unlikelihood, **b.media())  # (B, T)
         # DDP averages gradients over ranks, so scale by world_size to keep sum / (global count)
-        loss = token_loss.float().sum() * world_size / n_supervised
+        weighted = token_loss.float() if loss_weights is None else token_loss.float() * loss_weights[b.task_ids]
+        loss = weighted.sum() * world_size / n_supervised
         scaler.scale(loss).backward()
         _add_task_losses(task_loss, task_count, token_loss, b)
     if world_size > 1:  # the logged loss is the global batch's, as in a single process

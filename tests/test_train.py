@@ -15,7 +15,7 @@ from minimm.data import Batch
 from minimm.formats import write_jsonl
 from minimm.gpt import GPT, GPTConfig
 from minimm.multimodal import MultimodalGPT
-from minimm.training import backward_token_weighted, configure_optimizer, load_checkpoint
+from minimm.training import backward_token_weighted, configure_optimizer, load_checkpoint, task_loss_weight_vector
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=64", "--batch_size=4", "--vocab_size=300",
@@ -64,6 +64,19 @@ def test_the_gpu_config_builds_its_bundled_data_first(tmp_path):
 def train_losses(out_dir: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
     return {r["step"]: r["train"]["all"] for r in records if "train" in r}
+
+
+def test_task_loss_weights_reach_the_step_and_a_misspelt_task_is_an_error(tmp_path, data_file):
+    """--task_loss_weights changes the updates (the first step's loss, logged unweighted, is the same; later ones
+    differ); a task name the data does not have stops the run with the names it has."""
+    train(tmp_path / "plain", data_file, "--max_iters=3")
+    train(tmp_path / "weighted", data_file, "--max_iters=3", "--task_loss_weights={'code': 5.0}")
+    plain, weighted = (train_losses(tmp_path / run / "out") for run in ("plain", "weighted"))
+    first = min(plain)
+    assert weighted[first] == pytest.approx(plain[first], abs=1e-6)
+    assert weighted[max(plain)] != pytest.approx(plain[max(plain)], abs=1e-4)
+    proc = train(tmp_path / "typo", data_file, "--max_iters=1", "--task_loss_weights={'cod': 2.0}", check=False)
+    assert proc.returncode != 0 and "['cod']" in proc.stderr and "'code'" in proc.stderr
 
 
 def test_train_writes_everything_and_sample_answers(tmp_path, data_file):
@@ -166,6 +179,50 @@ def test_token_weighted_accumulation_equals_one_big_batch():
         for a, b in zip(*grads):
             assert torch.isfinite(b).all()
             torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_task_loss_weights_make_a_weighted_mean_over_the_accumulated_batch():
+    """task_loss_weights: the step's gradient is that of sum(w * loss) / sum(w) over all supervised tokens, the same
+    whether the batch comes whole or in micro-batches; the returned per-task losses stay unweighted."""
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(vocab_size=37, block_size=12, n_layer=1, n_head=2, n_embd=16))
+    x, y = torch.randint(0, 37, (5, 12)), torch.randint(0, 37, (5, 12))
+    y[0, :7] = -100
+    tasks = torch.randint(0, 3, (5, 12))
+    weights = torch.tensor([1.0, 3.0, 0.5])
+    no_scale = torch.amp.GradScaler("cpu", enabled=False)
+
+    model.zero_grad()
+    _, token_loss = model(x, y, reduction="none", return_logits=False)  # (B, T)
+    w = weights[tasks] * (y != -100)
+    ((token_loss * w).sum() / w.sum()).backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    plain = [token_loss.detach()[(y != -100) & (tasks == t)].mean() for t in range(3)]
+    halves = [Batch(x[:2], y[:2], tasks[:2], None), Batch(x[2:], y[2:], tasks[2:], None)]
+    for micro in ([Batch(x, y, tasks, None)], halves):
+        model.zero_grad()
+        task_loss, task_count = backward_token_weighted(model, micro, 3, nullcontext(), no_scale, loss_weights=weights)
+        for a, b in zip(expected, (p.grad for p in model.parameters())):
+            torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(task_loss / task_count, torch.stack(plain), atol=1e-6, rtol=1e-5)
+    model.zero_grad()  # weights of 1 are no weights
+    backward_token_weighted(model, [Batch(x, y, tasks, None)], 3, nullcontext(), no_scale, loss_weights=torch.ones(3))
+    ones = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    backward_token_weighted(model, [Batch(x, y, tasks, None)], 3, nullcontext(), no_scale)
+    for a, b in zip(ones, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-6)
+    assert not torch.allclose(ones[0], expected[0])  # and other weights change the gradient
+
+
+def test_task_loss_weight_vector_follows_the_task_order_and_rejects_unknown_tasks():
+    tasks = ["text", "code", "image", "audio"]
+    assert task_loss_weight_vector({}, tasks) is None
+    assert task_loss_weight_vector({"image": 3, "text": 0}, tasks).tolist() == [0.0, 1.0, 3.0, 1.0]
+    with pytest.raises(ValueError, match=r"\['imge'\].*'image'"):
+        task_loss_weight_vector({"imge": 3}, tasks)
+    with pytest.raises(ValueError, match=">= 0"):
+        task_loss_weight_vector({"code": -1}, tasks)
 
 
 def test_configure_optimizer_scales_the_learning_rate_of_named_parts():
