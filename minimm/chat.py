@@ -34,9 +34,11 @@ DEFAULT_QUESTION = {"image": "Describe the image.", "audio": "Which keys were pr
 
 def user_turn(ckpt: dict, text: str, n_images: int = 0, n_audio: int = 0) -> str:
     """A user turn with markers for its files, laid out as the checkpoint's model was trained to read them: the
-    picture after the question if its config set image_after_question, else before (minimm.formats.user_text)."""
-    after = ckpt.get("config", {}).get("image_after_question", False)
-    return user_text(text, n_images, n_audio, image_after_text=after)
+    picture after the question if its config set image_after_question, else before, and the question again after
+    the picture if it set repeat_question (minimm.formats.user_text)."""
+    config = ckpt.get("config", {})
+    return user_text(text, n_images, n_audio, image_after_text=config.get("image_after_question", False),
+                     repeat_text=config.get("repeat_question", False))
 
 
 def load_model(out_dir: str | Path, device: str = "cpu",

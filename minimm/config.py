@@ -75,6 +75,10 @@ class TrainConfig:
     # question, and sample.py / the chat page put a picture after the question (prepare/shapes.py). With your own
     # train_files, set it to match where your data puts <image>
     image_after_question: bool = False
+    # with image_after_question, the question is asked again after the picture ("What color is the triangle?\n<image>\n
+    # What color is the triangle?"): the image tokens read it before them, the answer right beside it. Off: in the
+    # default run place went up and colour down, both by about their spread (prepare/shapes.py, EXPERIMENTS.md)
+    repeat_question: bool = False
     vision_pretrain_iters: int = 0  # steps training the ViT + projector on labelled bundled pictures first
     vision_pretrain_words: float = 0.0  # > 0: that pretraining also learns the words, its loss weighted by this
     # audio encoder, used when the data has audio

@@ -260,13 +260,17 @@ def instruction_text(instruction: str, extra: str | None) -> str:
     return instruction + "\n\n" + extra if extra else instruction
 
 
-def user_text(text: str, n_images: int = 0, n_audio: int = 0, image_after_text: bool = False) -> str:
+def user_text(text: str, n_images: int = 0, n_audio: int = 0, image_after_text: bool = False,
+              repeat_text: bool = False) -> str:
     """A user turn's text with markers for its attached files, laid out as in training: each file's marker on
     a line of its own before the text (LLaVA's "<image>\nWhat is this?"), or with image_after_text the image
-    markers after it (a model trained with image_after_question: "What color is the triangle?\n<image>")."""
+    markers after it (a model trained with image_after_question: "What color is the triangle?\n<image>"), and
+    with repeat_text the text again after them (repeat_question: "...triangle?\n<image>\nWhat color is the
+    triangle?")."""
     audio = (AUDIO_MARKER + "\n") * n_audio
     if image_after_text:
-        return audio + text + ("\n" + IMAGE_MARKER) * n_images
+        again = "\n" + text if repeat_text and n_images else ""
+        return audio + text + ("\n" + IMAGE_MARKER) * n_images + again
     return (IMAGE_MARKER + "\n") * n_images + audio + text
 
 

@@ -11,7 +11,8 @@ What this file teaches:
   from the start until the prompt leaves room for an answer, and the page is told how many.
 - Uploads are decoded exactly as sample.py decodes files (minimm.vit for images, minimm.audio for WAV), and
   each becomes a marker in the user turn ("<image>\n", "<audio>\n"), laid out as in training
-  (minimm.chat.user_turn: after the question for a model trained with image_after_question).
+  (minimm.chat.user_turn: after the question for a model trained with image_after_question, and the question
+  again after the picture with repeat_question).
 - Bad input is answered, never fatal: every check raises ApiError(status, message), which serve.py turns
   into a JSON error with that status.
 

@@ -19,6 +19,12 @@ What this file teaches:
   can each image token read the question and tell whether it holds the shape asked about; with the picture
   first the answer must find that token itself, a two-step lookup learned late. Images alone, 300 steps:
   colour 0.70 -> 0.87, describe 0.80 -> 0.87, though an answer costs ~24 tokens instead of ~11 (EXPERIMENTS.md).
+- The question again after the picture (repeat_question, off by default): "What color is the triangle?\n<image>\n
+  What color is the triangle?". The image tokens still read the question before them, and the positions right
+  before the answer hold it too, so a query for "red" can go straight to the token of that colour instead of
+  through what the image tokens made of the first copy (a prompt repeated so that a causal model reads it whole:
+  Leviathan et al. 2025, https://arxiv.org/abs/2512.14982). In the default run, four seeds: place 0.65 -> 0.73,
+  colour 0.77 -> 0.69, each seed moving either way by up to 0.23; a trade, not adopted (EXPERIMENTS.md).
 
 Questions (the "kind" of each row, so the evaluation can report accuracy per question type):
   describe  "Describe the image."         -> "a red circle left of a blue square" (shapes left to right)
@@ -45,7 +51,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
 
-from minimm.formats import IMAGE_MARKER, write_jsonl  # noqa: E402
+from minimm.formats import IMAGE_MARKER, user_text, write_jsonl  # noqa: E402
 from prepare.drawing import COLORS, SHAPES, Shape, background, draw_shapes, draw_word  # noqa: E402
 
 IMAGE_SIZE = 48
@@ -126,7 +132,7 @@ def scene_questions(rng: np.random.Generator, example: ImageExample) -> list[tup
 
 def make_image_examples(out_dir: str | Path, n: int, seed: int, image_size: int = IMAGE_SIZE,
                         relative_to: str | Path | None = None, all_questions: bool = False,
-                        question_first: bool = False) -> list[dict]:
+                        question_first: bool = False, repeat_question: bool = False) -> list[dict]:
     """Write n PNGs under out_dir and return one JSONL row per image.
 
     Rows are in the conversation schema, or for a TEXT_SCHEMA_FRACTION of them the {"text", "image",
@@ -138,6 +144,8 @@ def make_image_examples(out_dir: str | Path, n: int, seed: int, image_size: int 
     question_first: each question is a row of its own, the question before the picture ("What color is the
     triangle?\n<image>"), so the image tokens can attend to it (why: the module docstring); with all_questions,
     a scene gives one row per well-posed question.
+    repeat_question: with question_first, the question again after the picture ("What color is the triangle?\n
+    <image>\nWhat color is the triangle?"; why: the module docstring).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -153,8 +161,9 @@ def make_image_examples(out_dir: str | Path, n: int, seed: int, image_size: int 
         asked = (scene_questions(rng, example) if all_questions
                  else [(example.kind, example.question, example.answer)])
         if question_first:  # one row per question, each with the picture after it (module docstring)
-            rows += [_row(image, kind, [(f"{question}\n{IMAGE_MARKER}", answer)], text_schema)
-                     for kind, question, answer in asked]
+            # the layout sample.py and the chat page give a question about a picture (minimm.formats.user_text)
+            rows += [_row(image, kind, [(user_text(question, 1, image_after_text=True, repeat_text=repeat_question),
+                                         answer)], text_schema) for kind, question, answer in asked]
         elif text_schema:  # that schema holds one question: the picture's own
             rows.append(_row(image, example.kind, [(example.question, example.answer)], True))
         else:

@@ -119,10 +119,15 @@ def test_user_text_lays_out_markers_as_the_readers_do(tmp_path):
     the same files, markers first (missing ones are prepended), or the picture after the question."""
     png(tmp_path / "a.png")
     f = jsonl(tmp_path / "r.jsonl", [{"text": "Colour?", "image": "a.png", "response": "red"},
-                                     {"text": "Colour?\n<image>", "image": "a.png", "response": "red"}])
-    (first, after), _, _ = read_all(f)
+                                     {"text": "Colour?\n<image>", "image": "a.png", "response": "red"},
+                                     {"text": "Colour?\n<image>\nColour?", "image": "a.png", "response": "red"}])
+    (first, after, again), _, _ = read_all(f)
     assert user_text("Colour?", n_images=1) == first.turns[0][1] == "<image>\nColour?"
     assert user_text("Colour?", n_images=1, image_after_text=True) == after.turns[0][1] == "Colour?\n<image>"
+    assert (user_text("Colour?", n_images=1, image_after_text=True, repeat_text=True) == again.turns[0][1]
+            == "Colour?\n<image>\nColour?")
+    assert user_text("Colour?", n_images=1, repeat_text=True) == "<image>\nColour?"  # only after the picture
+    assert user_text("Plain.", image_after_text=True, repeat_text=True) == "Plain."  # no picture: said once
     assert user_text("Keys?", n_audio=1) == "<audio>\nKeys?"
     assert user_text("Both?", 2, 1, image_after_text=True) == "<audio>\nBoth?\n<image>\n<image>"
     assert user_text("Both?", 1, 1) == "<image>\n<audio>\nBoth?"

@@ -36,11 +36,19 @@ class _Vision:
             image_size = 16
 
 
-@pytest.mark.parametrize("after", [False, True])
-def test_a_picture_goes_where_the_checkpoint_was_trained_to_see_it(tmp_path, after):
+LAYOUTS = [  # (image_after_question, repeat_question) in the checkpoint's config -> the user turn
+    (False, False, "<image>\nWhat color is it?"),
+    (True, False, "What color is it?\n<image>"),
+    (True, True, "What color is it?\n<image>\nWhat color is it?"),
+]
+
+
+@pytest.mark.parametrize("after, repeat, turn", LAYOUTS)
+def test_a_picture_goes_where_the_checkpoint_was_trained_to_see_it(tmp_path, after, repeat, turn):
     Image.new("RGB", (20, 20), (200, 0, 0)).save(tmp_path / "red.png")
     cfg = load_config(["--task=image", f"--image={tmp_path / 'red.png'}", "--prompt=What color is it?"],
                       sample.SampleConfig)
-    images, audio, turns = sample.media_turns(cfg, _Vision(), {"config": {"image_after_question": after}})
+    trained = {"config": {"image_after_question": after, "repeat_question": repeat}}
+    images, audio, turns = sample.media_turns(cfg, _Vision(), trained)
     assert len(images) == 1 and images[0].shape == (16, 16, 3) and audio == []
-    assert turns == [("user", "What color is it?\n<image>" if after else "<image>\nWhat color is it?")]
+    assert turns == [("user", turn)]

@@ -317,13 +317,15 @@ def test_queue_is_bounded_in_size_and_time(local):
     assert waited.is_set()  # ... and goes when that one is done
 
 
-@pytest.mark.parametrize("after", [False, True])
-def test_an_upload_goes_where_the_checkpoint_was_trained_to_see_it(local, tiny_run, after):
+@pytest.mark.parametrize("after, repeat, turn", [(False, False, "<image>\nWhat color is it?"),
+                                                 (True, False, "What color is it?\n<image>"),
+                                                 (True, True, "What color is it?\n<image>\nWhat color is it?")])
+def test_an_upload_goes_where_the_checkpoint_was_trained_to_see_it(local, tiny_run, after, repeat, turn):
     model, tok, ckpt = local
-    trained = {**ckpt, "config": {**ckpt["config"], "image_after_question": after}}
+    trained = {**ckpt, "config": {**ckpt["config"], "image_after_question": after, "repeat_question": repeat}}
     prompt = Chat(model, tok, trained, MAX_NEW, max_queue=0, queue_timeout=1).prepare(
         {"task": "image", "turns": [user("What color is it?", images=[tiny_run.images["red"]])]})
-    assert prompt.turns == [("user", "What color is it?\n<image>" if after else "<image>\nWhat color is it?")]
+    assert prompt.turns == [("user", turn)]
     assert len(prompt.images) == 1
 
 

@@ -212,6 +212,14 @@ def test_question_first_asks_each_question_before_its_own_picture(tmp_path):
             template = shapes.QUESTIONS[r["kind"]]
             pattern = re.escape(template).replace(r"\{shape\}", r"\w+").replace(r"\{color\}", r"\w+")
             assert re.fullmatch(pattern, question)
+    again = make_image_examples(tmp_path / "again", 40, seed=11, image_size=SIZE, all_questions=True,
+                                question_first=True, repeat_question=True)
+    assert len(again) == len(first)
+    for r_first, r_again in zip(first, again):  # the same rows, each question asked again after its picture
+        said = r_first["text"] if "text" in r_first else r_first["conversations"][0]["content"]
+        question = said.removesuffix("\n<image>")
+        assert (r_again["text"] if "text" in r_again else r_again["conversations"][0]["content"]) == \
+            f"{question}\n<image>\n{question}"
     write_jsonl(tmp_path / "first.jsonl", first)
     examples = list(read_examples(tmp_path / "first.jsonl", str(tmp_path / "first"), log=lambda *_: None))
     assert len(examples) == len(first)
