@@ -110,6 +110,8 @@ def main() -> None:
                         "cnn, run (--from_run's frozen encoder)")
     parser.add_argument("--from_run", default="", help="a train.py out_dir, for --models run")
     parser.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="minimm/muon.py")
+    parser.add_argument("--decay", action="store_true", help="warm up to --lr, then decay linearly, as "
+                        "train.py's vision pretraining does (prepare/vision_pretrain.py)")
     args = parser.parse_args()
     names = args.models.split(",")
     if not set(names) <= {"vit", "cnn", "run"}:
@@ -133,7 +135,8 @@ def main() -> None:
         trained = sum(p.numel() for p in encoder.parameters() if p.requires_grad)
         print(f"{name}: {sum(p.numel() for p in encoder.parameters()):,} encoder parameters, {trained:,} trained")
         results[name] = fit(probe, train_set, val_set, args.steps, args.batch_size, args.lr, args.optimizer,
-                            args.word_weight, args.seed, args.eval_every, log=lambda line: print(f"{name:>4} {line}"))
+                            args.word_weight, args.seed, args.eval_every, decay=args.decay,
+                            log=lambda line: print(f"{name:>4} {line}"))
     print("\nheld-out accuracy after the last step (chance: shape 0.20, word 1/%d)" % len(WORDS))
     print(f"{'':>6}{'colour':>8}{'shape':>8}{'word':>8}{'pictures/s':>12}")
     for name, (acc, speed) in results.items():

@@ -80,6 +80,8 @@ class TrainConfig:
     # default run place went up and colour down, both by about their spread (prepare/shapes.py, EXPERIMENTS.md)
     repeat_question: bool = False
     vision_pretrain_iters: int = 0  # steps training the ViT + projector on labelled bundled pictures first
+    vision_pretrain_lr: float = 0.0  # > 0: that pretraining warms up to this rate, then decays linearly (0: it runs
+    # at learning_rate x media_lr_scale throughout; prepare/vision_pretrain.py)
     vision_pretrain_words: float = 0.0  # > 0: that pretraining also learns the words, its loss weighted by this
     # audio encoder, used when the data has audio
     audio_n_layer: int = 3

@@ -8,7 +8,8 @@ import torch
 
 from minimm.config import load_config
 from minimm.multimodal import MultimodalGPT, model_args_from_config
-from prepare.vision_pretrain import ImagePath, Probe, accuracy, pretrain_vision, scenes
+from prepare import vision_pretrain
+from prepare.vision_pretrain import ImagePath, Probe, accuracy, lr_factor, pretrain_vision, scenes
 from prepare.shapes import split_seed
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,6 +42,35 @@ def test_pretraining_teaches_colours_and_touches_only_the_image_path():
     assert any(not torch.equal(v, model.vision.state_dict()[k]) for k, v in vit.items())
     assert before["color"] < 0.4, before
     assert acc["color"] > 0.7, acc
+
+
+def test_the_rate_warms_up_then_decays_to_near_zero():
+    factors = [lr_factor(step, 600, 30) for step in range(1, 601)]
+    assert factors[0] == 1 / 30 and factors[29] == 1.0 == factors[30]  # linear warmup to the peak at step 30
+    assert all(a > b for a, b in zip(factors[30:], factors[31:]))  # then down every step ...
+    assert factors[-1] == 1 / 570  # ... to one step's share, never zero: the last step still learns
+
+
+def test_pretraining_runs_at_vision_pretrain_lr_warmed_up_and_decayed(monkeypatch):
+    """The rate of every optimizer group, step by step: cfg.vision_pretrain_lr x lr_factor; unset, the encoders'
+    own rate (learning_rate x media_lr_scale) throughout."""
+    seen = []
+    make = vision_pretrain.configure_optimizer
+
+    def configure_optimizer(*args, **kwargs):  # the real optimizer, its rates noted before each step
+        opt = make(*args, **kwargs)
+        step = opt.step
+        opt.step = lambda: (seen.append({group["lr"] for group in opt.param_groups}), step())[1]
+        return opt
+
+    monkeypatch.setattr(vision_pretrain, "configure_optimizer", configure_optimizer)
+    monkeypatch.setattr(vision_pretrain, "N_VAL", 20)
+    for lr_key, expected in ((3e-3, [{3e-3 * lr_factor(s, 20, 2)} for s in range(1, 21)]),  # warmup: 20 // 10
+                             (0.0, [{1e-2 * 0.5}] * 20)):
+        seen.clear()
+        model, cfg = tiny_model(vision_pretrain_iters=20, vision_pretrain_lr=lr_key)
+        pretrain_vision(model, cfg, log=lambda line: None)
+        assert seen == expected, (lr_key, seen[:3], expected[:3])
 
 
 def test_a_finer_token_grid_is_pooled_to_the_3x3_cells():
