@@ -14,7 +14,7 @@ n_head = 4
 # 256 wide (heads of 64), not 192: over 250 held-out code instructions, paired seeds 1 / 2 / 3, 0.792 / 0.716 /
 # 0.736 -> 0.828 / 0.772 / 0.764 parse, the code val loss lower in every seed; each step ~1.25x the time. 1.6x the
 # steps at 192 instead lowered the code loss too, but not the parse rate (0.792 -> 0.792; EXPERIMENTS.md). On a
-# CPU without bf16 in hardware, --n_embd=192 keeps the whole run near 15 minutes (README)
+# CPU without bf16 in hardware, --n_embd=192 and --vision_pretrain_iters=600 keep the whole run near 15 minutes (README)
 n_embd = 256
 block_size = 256
 
@@ -23,13 +23,14 @@ patch_size = 8
 pixel_shuffle = 2  # ... merged 2 x 2: 9 image tokens per picture
 audio_stack = 4  # 4 audio encoder frames (80 ms) per token: a 2 s clip is 25 tokens, not 100
 # the ViT and projector first learn the pictures' per-cell colours and shapes from the generator's labels
-# (prepare/vision_pretrain.py, ~90 s), as a real VLM starts from a pretrained encoder, and the ViT is then kept
+# (prepare/vision_pretrain.py, ~70 s), as a real VLM starts from a pretrained encoder, and the ViT is then kept
 # frozen while the projector and the GPT learn (LLaVA's recipe). Trained only through the GPT's answers it
 # learns colour and place but hardly shape: "Describe the image." 0.09 exact; pretrained, then trained on,
 # 0.27 (its shapes fade: a probe names a cell's shape 0.86 -> 0.66); pretrained and frozen, 0.72-0.84 over
 # three seeds (EXPERIMENTS.md).
 # 1200 steps on 19,200 pictures (prepare/vision_pretrain.py's N_PICTURES), not 600 on 8,000: a held-out cell's shape
-# 0.93 -> 0.99, the image val loss lower in every paired run, for ~45 s more (EXPERIMENTS.md)
+# 0.92-0.94 -> 0.99, and over five paired runs describe 0.87 -> 0.92 on average (up in four, held in one), colour and
+# place within their spread, for ~35 s more (EXPERIMENTS.md)
 vision_pretrain_iters = 1200
 # that pretraining warms up to 3e-3, then decays linearly (prepare/vision_pretrain.py), not 1e-3 throughout: in the
 # same 600 steps a held-out cell's shape is named 0.92-0.94 of the time, not 0.86-0.90, and the colour answers rise by
