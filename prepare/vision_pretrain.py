@@ -42,7 +42,7 @@ from minimm.vit import to_tensor
 from prepare.shapes import COLORS, SHAPES, WORDS, make_example, split_seed
 
 GRID = 3  # prepare/shapes.py puts each shape's centre well inside a cell of a 3x3 grid
-# at most this many training pictures are drawn (~20 s); 1200 steps of 32 (config/mixed.py) see each twice. With 8,000
+# at most this many training pictures are drawn (~8 s); 1200 steps of 32 (config/mixed.py) see each twice. With 8,000
 # the 1200 steps learned them by heart (training loss 0.000) and named a held-out cell's shape 0.97 of the time; with
 # 19,200, 0.99 (600 steps of 8,000: 0.96; bench/vision_probe.py --n_train, EXPERIMENTS.md)
 N_PICTURES = 19200
