@@ -10,7 +10,9 @@ Read it top to bottom: config, devices, data (built first when missing or stale)
 the loop: schedule, evaluation, token-weighted gradient accumulation, clipping, checkpoints.
 """
 import json
+import math
 import os
+import random
 import re
 import signal
 import sys
@@ -23,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from minimm import ops
+from minimm.chat import stop_tokens
 from minimm.config import describe, load_config, save_config, to_dict
 from minimm.data import Batches, Split
 from minimm.pack import dataset_status
@@ -32,9 +35,10 @@ from minimm.multimodal import MEDIA_PARTS, MultimodalGPT, model_args_from_config
 from minimm.plot import plot_losses
 from minimm.quant import memory_report
 from minimm.tokenizer import Tokenizer
-from minimm.training import (backward_token_weighted, backward_token_weighted_opencl, configure_optimizer,
-                             evaluate_loss, learning_rate_at, load_checkpoint, save_checkpoint,
+from minimm.training import (backward_sequence_unlikelihood, backward_token_weighted, backward_token_weighted_opencl,
+                             configure_optimizer, evaluate_loss, learning_rate_at, load_checkpoint, save_checkpoint,
                              task_loss_weight_vector, unwrap)
+from minimm.unlikelihood import answer_prompts
 
 cfg = load_config(sys.argv[1:])
 
@@ -151,16 +155,21 @@ if cfg.init_from == "resume":
 opencl_trainer = None
 if opencl:
     if (model_args["vision"] or model_args["audio"] or cfg.lora_rank or cfg.dropout or cfg.optimizer != "adamw"
-            or cfg.unlikelihood or loss_weights is not None):
+            or cfg.unlikelihood or cfg.seq_unlikelihood or loss_weights is not None):
         sys.exit("--device=opencl trains the text decoder with AdamW (no images, audio, LoRA, dropout, Muon, "
-                 "unlikelihood or task_loss_weights yet)")
+                 "unlikelihood, seq_unlikelihood or task_loss_weights yet)")
     from minimm.opencl import OpenCLGPT, OpenCLTrainer
     opencl_trainer = OpenCLTrainer(OpenCLGPT.from_torch(model.gpt, cfg.device), cfg.learning_rate,
                                    (cfg.beta1, cfg.beta2), cfg.weight_decay, cfg.grad_clip)
     if cfg.init_from == "resume":
         opencl_trainer.load_optimizer_state_dict(ckpt["optimizer"])
 ckpt = base_ckpt = None  # free them
+# the sequence-level unlikelihood asks the model the training split's text-only questions (minimm/unlikelihood.py)
+seq_prompts = answer_prompts(data_dir, tok, cfg.block_size) if cfg.seq_unlikelihood > 0 and not opencl else {}
+if cfg.seq_unlikelihood > 0 and not seq_prompts:
+    log("seq_unlikelihood > 0, but no text-only training example ends with an answer: nothing to ask, so it is off")
 lr_decay_iters = cfg.lr_decay_iters or cfg.max_iters
+seq_from = math.ceil(cfg.seq_unlikelihood_from * lr_decay_iters)  # a point of the schedule, as a resume sees it
 trainable, total = count_parameters(model)
 log(f"config:\n{describe(cfg)}")
 log(f"model: {total:,} parameters, {trainable:,} trainable "
@@ -240,6 +249,11 @@ while step < cfg.max_iters and not stop_requested:
         write_log({"step": step, "val": val, "lr": lr})
         checkpoint(step)
 
+    seq_cost = None
+    if seq_prompts and step >= seq_from:  # prompts drawn from (seed, step, rank): a resumed run asks the same
+        seq_cost = backward_sequence_unlikelihood(model, seq_prompts, cfg.seq_unlikelihood,
+                                                  random.Random(f"{cfg.seed}/{step}/{rank}"), stop_tokens(tok),
+                                                  autocast, scaler, ddp)
     micro_batches = [train_batches.get(step * cfg.gradient_accumulation_steps + m).to(device)
                      for m in range(cfg.gradient_accumulation_steps)]
     if opencl_trainer:
@@ -268,7 +282,9 @@ while step < cfg.max_iters and not stop_requested:
         tokens_per_sec = tokens_since / (time.time() - t_last)
         t_last, tokens_since = time.time(), 0
         per_task = {t: (task_loss[i] / task_count[i]).item() for i, t in enumerate(tok.tasks) if task_count[i] > 0}
-        write_log({"step": step, "train": {"all": step_loss, **per_task}, "lr": lr, "tokens_per_sec": tokens_per_sec})
+        seq = {} if seq_cost is None else {"seq_unlikelihood": seq_cost}  # this step's, per answer token
+        write_log({"step": step, "train": {"all": step_loss, **per_task}, "lr": lr, "tokens_per_sec": tokens_per_sec,
+                   **seq})
         bar.set_postfix(loss=f"{step_loss:.3f}", lr=f"{lr:.1e}", tok_s=f"{tokens_per_sec:,.0f}")
     bar.update(1)
 bar.close()

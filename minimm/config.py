@@ -116,6 +116,11 @@ class TrainConfig:
     grad_clip: float = 1.0
     # > 0: add this times -log(1 - p) of each wrong induction copy to the loss (minimm/unlikelihood.py)
     unlikelihood: float = 0.0
+    # > 0: from seq_unlikelihood_from x lr_decay_iters on, each step the model also answers a few training prompts
+    # greedily and this times -log(1 - p) of every token of a repeated n-gram of its answers joins the loss
+    # (minimm/unlikelihood.py, sequence_unlikelihood)
+    seq_unlikelihood: float = 0.0
+    seq_unlikelihood_from: float = 0.7
     # evaluation and logging
     eval_interval: int = 250
     eval_iters: int = 10

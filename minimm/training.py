@@ -21,6 +21,7 @@ from __future__ import annotations
 import inspect
 import math
 import os
+import random
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ import torch.nn as nn
 
 from minimm.data import Batches
 from minimm.muon import Muon
-from minimm.unlikelihood import induction_negatives
+from minimm.unlikelihood import SEQ_BATCH, SEQ_NEW_TOKENS, SEQ_NGRAM, induction_negatives, sequence_unlikelihood
 
 
 def configure_optimizer(model: nn.Module, weight_decay: float, learning_rate: float,
@@ -158,6 +159,30 @@ def backward_token_weighted(model: nn.Module, micro_batches: list, n_tasks: int,
         torch.distributed.all_reduce(task_loss)
         torch.distributed.all_reduce(task_count)
     return task_loss, task_count
+
+
+def backward_sequence_unlikelihood(model: nn.Module, prompts: dict[int, list[list[int]]], weight: float,
+                                   rng: random.Random, stops: tuple[int, ...], autocast, scaler,
+                                   ddp: bool = False) -> float:
+    """One batch of the sequence-level unlikelihood (minimm/unlikelihood.py) into the step's gradients:
+    SEQ_BATCH prompts of one length (a length drawn in proportion to its prompts: answer_prompts), answered
+    greedily; backward of weight x its cost per answer token. Returns that cost, for the log.
+
+    Call it before the step's micro-batches: under DDP its gradients then stay local (no all-reduce) and join
+    the all-reduce of the step's last micro-batch, as another micro-batch would; each rank draws its own prompts."""
+    lengths = list(prompts)
+    length = rng.choices(lengths, weights=[len(prompts[n]) for n in lengths])[0]
+    rows = rng.sample(prompts[length], min(SEQ_BATCH, len(prompts[length])))
+    device = next(model.parameters()).device
+    if ddp:
+        model.require_backward_grad_sync = False
+    with autocast:
+        cost, n_tokens = sequence_unlikelihood(unwrap(model), torch.tensor(rows, device=device), SEQ_NEW_TOKENS,
+                                               SEQ_NGRAM, stops)
+    per_token = cost / max(n_tokens, 1)
+    if per_token.requires_grad:
+        scaler.scale(weight * per_token).backward()
+    return float(per_token.detach())
 
 
 def backward_token_weighted_opencl(trainer, micro_batches: list, n_tasks: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -100,16 +100,26 @@ def test_train_writes_everything_and_sample_answers(tmp_path, data_file):
     assert proc.returncode != 0 and "python train.py" in proc.stderr
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_resume_equals_uninterrupted(tmp_path, data_file, optimizer):
+SEQ = ["--seq_unlikelihood=0.5", "--seq_unlikelihood_from=0.1"]  # from step 2 of lr_decay_iters=20 on
+
+
+@pytest.mark.parametrize("extra", [["--optimizer=adamw"], ["--optimizer=muon"], ["--optimizer=muon", *SEQ]],
+                         ids=["adamw", "muon", "muon-seq-unlikelihood"])
+def test_resume_equals_uninterrupted(tmp_path, data_file, extra):
     straight, split = tmp_path / "a", tmp_path / "b"
-    train(straight, data_file, "--max_iters=8", f"--optimizer={optimizer}")
-    train(split, data_file, "--max_iters=4", f"--optimizer={optimizer}")
-    train(split, data_file, "--max_iters=8", "--init_from=resume", f"--optimizer={optimizer}")
+    train(straight, data_file, "--max_iters=8", *extra)
+    train(split, data_file, "--max_iters=4", *extra)
+    train(split, data_file, "--max_iters=8", "--init_from=resume", *extra)
     a, b = train_losses(straight / "out"), train_losses(split / "out")
     assert sorted(a) == sorted(b) == list(range(1, 9))
     for step in a:
         assert abs(a[step] - b[step]) <= 1e-6, (step, a[step], b[step])
+    if "--seq_unlikelihood=0.5" in extra:  # logged from the step it starts at (index 2, logged as step 3) on
+        records = [json.loads(line) for line in (straight / "out" / "log.jsonl").read_text().splitlines()]
+        costs = {r["step"]: r["seq_unlikelihood"] for r in records if "seq_unlikelihood" in r}
+        assert sorted(costs) == list(range(3, 9)) and all(c >= 0 for c in costs.values())
+        b_records = [json.loads(line) for line in (split / "out" / "log.jsonl").read_text().splitlines()]
+        assert {r["step"]: r["seq_unlikelihood"] for r in b_records if "seq_unlikelihood" in r} == costs
 
 
 def test_ddp_two_gloo_ranks_equal_one_process(tmp_path, data_file):

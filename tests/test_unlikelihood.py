@@ -1,10 +1,13 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from minimm.gpt import GPT, GPTConfig
 from minimm.training import backward_token_weighted
-from minimm.unlikelihood import induction_negatives, unlikelihood_loss
+from minimm.unlikelihood import (answer_prompts, induction_negatives, repeated_ngrams, sequence_unlikelihood,
+                                 unlikelihood_loss)
 
 
 def brute_force_negatives(idx, targets, segment_ids):
@@ -118,3 +121,75 @@ def test_training_with_unlikelihood_makes_wrong_copies_less_likely():
         p = torch.softmax(logits, -1).gather(-1, negatives.clamp(min=0)[..., None])[..., 0]
         p_wrong[weight] = p[negatives != -100].mean().item()
     assert p_wrong[3.0] < 0.85 * p_wrong[0.0]  # 0.058 against 0.082
+
+
+def brute_force_repeats(row, start, n, stops):
+    """The definition: a position of the answer is marked when some n-gram of the answer that holds it already
+    occurred earlier in the answer; the answer ends at its first stop token."""
+    end = next((t for t in range(start, len(row)) if row[t] in stops), len(row))
+    grams = [(s, tuple(row[s:s + n])) for s in range(start, end - n + 1)]
+    marked = [False] * len(row)
+    for s, gram in grams:
+        if any(g == gram for s2, g in grams if s2 < s):
+            for p in range(s, s + n):
+                marked[p] = True
+    return marked
+
+
+@pytest.mark.parametrize("n", [2, 4])
+def test_repeated_ngrams_match_the_definition(n):
+    g = torch.Generator().manual_seed(n)
+    tokens = torch.randint(0, 4, (6, 40), generator=g)  # 4 symbols: plenty of repeats
+    tokens[0, 20:] = 3  # a run of one token after a stop token: nothing marked after it
+    tokens[0, 19] = 7
+    got = repeated_ngrams(tokens, 5, n, stops=(7,))
+    want = torch.tensor([brute_force_repeats(r, 5, n, (7,)) for r in tokens.tolist()])
+    assert torch.equal(got, want) and want.any() and not got[0, 19:].any() and not got[:, :5].any()
+
+
+def test_sequence_unlikelihood_is_the_unlikelihood_of_the_repeats_of_greedy_answers():
+    torch.manual_seed(3)
+    model = GPT(GPTConfig(vocab_size=29, block_size=64, n_layer=1, n_head=2, n_embd=32))
+    prompts = torch.randint(0, 27, (3, 5))
+    stops = (27, 28)
+    cost, n_tokens = sequence_unlikelihood(model, prompts, 30, 3, stops)
+    assert model.training and cost.requires_grad  # the mode it had, and a cost to step on
+    with torch.no_grad():
+        out = model.generate(prompts, 30, temperature=0.0, stop_tokens=stops)  # (3, 35)
+        logits, _ = model(out[:, :-1], torch.full_like(out[:, :-1], -100), reduction="none")  # (3, 34, 29)
+    p = torch.softmax(logits.float(), -1)
+    want, count = 0.0, 0
+    for b, row in enumerate(out.tolist()):
+        marks = brute_force_repeats(row, 5, 3, stops)
+        assert any(marks)  # a random model answers in loops
+        want += sum(-math.log(1 - p[b, t - 1, row[t]].item()) for t in range(1, len(row)) if marks[t])
+        answer = row[5:]
+        count += next((i + 1 for i, tok in enumerate(answer) if tok in stops), len(answer))
+    assert n_tokens == count
+    assert cost.item() == pytest.approx(want, rel=1e-4)
+    cost.backward()
+    assert model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_sequence_unlikelihood_of_answers_that_stop_at_once_is_zero():
+    model = GPT(GPTConfig(vocab_size=29, block_size=64, n_layer=1, n_head=2, n_embd=32))
+    cost, n_tokens = sequence_unlikelihood(model, torch.zeros(2, 4, dtype=torch.long), 10, 2, tuple(range(29)))
+    assert cost.item() == 0.0 and not cost.requires_grad and n_tokens == 2  # each answer: its stop token
+
+
+def test_answer_prompts_are_the_text_only_questions_as_rendered_grouped_by_length(tmp_path):
+    from minimm.formats import write_jsonl
+    from minimm.render import render_prompt
+    from minimm.tokenizer import Tokenizer
+    tok = Tokenizer.train("def add(x): return x + 1. Say it. " * 20, 300)
+    rows = [{"task": "code", "instruction": "Add one.", "input": "def add(x):", "output": "def add(x):\n    return x + 1"},
+            {"conversations": [{"role": "user", "content": "Say it."}, {"role": "assistant", "content": "It."}]},
+            {"conversations": [{"role": "user", "content": "Say it. " * 40}, {"role": "assistant", "content": "It."}]},
+            {"text": "plain text has no question"}]
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    (tmp_path / "meta.json").write_text('{"sources": {"train": ["train.jsonl"]}}')
+    got = answer_prompts(tmp_path, tok, max_length=40)
+    code = render_prompt(tok, "code", [("user", "Add one.\n\ndef add(x):")])
+    chat = render_prompt(tok, "text", [("user", "Say it.")])
+    assert sorted(p for ps in got.values() for p in ps) == sorted([code, chat])  # the long one left out
+    assert all(len(p) == n for n, ps in got.items() for p in ps)
