@@ -27,9 +27,14 @@ Shapes: B batch, T positions, V vocabulary, N rows.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from minimm import ops
+from minimm.formats import read_examples
+from minimm.render import render_prompt
 
 
 @torch.no_grad()
@@ -90,6 +95,7 @@ SEQ_BATCH = 8  # prompts answered per step (train.py), all of one length
 SEQ_NEW_TOKENS = 96  # answer tokens each: the default's code loops start within the first few dozen
 SEQ_NGRAM = 4  # Welleck et al.'s n
 
+
 @torch.no_grad()
 def repeated_ngrams(tokens: torch.Tensor, start: int, n: int, stops: tuple[int, ...] = ()) -> torch.Tensor:
     """Where an answer repeats itself. tokens: (B, L), the prompt in [:start] and the answer after it.
@@ -138,11 +144,6 @@ def answer_prompts(data_dir, tok, max_length: int, split: str = "train") -> dict
     an answer, as the model is asked them, grouped by length: greedy decoding without padding answers a
     batch of one length (minimm.chat.ask_many does the same). Only prompts shorter than max_length (the
     model's block_size), so there is room to answer. data_dir holds meta.json, as train.py's does."""
-    import json
-    from pathlib import Path
-
-    from minimm.formats import read_examples
-    from minimm.render import render_prompt
     data_dir = Path(data_dir)
     meta = json.loads((data_dir / "meta.json").read_text())
     media_dir = str(data_dir / meta["media_dir"]) if meta.get("media_dir") else None
