@@ -81,7 +81,7 @@ unlikelihood = 1.0
 # and against loops in its own answers ("'fork', 'fork', 'fork', ..." to the end of the context, 28 of the 67 failed
 # answers of one run): from 70% of the schedule on, each step the model answers 8 training questions greedily and every
 # token of a 4-gram repeated within an answer is pushed down (minimm/unlikelihood.py). Over 250 held-out instructions,
-# four paired seeds: parse 0.796 / 0.744 / 0.792 / 0.744 -> 0.856 / 0.796 / 0.820 / 0.788; ~55 s more (EXPERIMENTS.md)
+# four paired seeds: parse 0.796 / 0.744 / 0.792 / 0.744 -> 0.856 / 0.796 / 0.820 / 0.788; ~75 s more (EXPERIMENTS.md)
 seq_unlikelihood = 0.3
 max_iters = 700
 learning_rate = 2e-3
