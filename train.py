@@ -165,7 +165,7 @@ if opencl:
         opencl_trainer.load_optimizer_state_dict(ckpt["optimizer"])
 ckpt = base_ckpt = None  # free them
 # the sequence-level unlikelihood asks the model the training split's text-only questions (minimm/unlikelihood.py)
-seq_prompts = answer_prompts(data_dir, tok, cfg.block_size) if cfg.seq_unlikelihood > 0 and not opencl else {}
+seq_prompts = answer_prompts(data_dir, tok, cfg.block_size) if cfg.seq_unlikelihood > 0 else {}
 if cfg.seq_unlikelihood > 0 and not seq_prompts:
     log("seq_unlikelihood > 0, but no text-only training example ends with an answer: nothing to ask, so it is off")
 lr_decay_iters = cfg.lr_decay_iters or cfg.max_iters
