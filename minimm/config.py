@@ -47,7 +47,10 @@ class TrainConfig:
     task_weights: dict = field(default_factory=dict)  # {task: weight}: how often packed examples are drawn
     # {task: weight}: how much each of its supervised tokens counts in the loss (default 1; minimm/training.py)
     task_loss_weights: dict = field(default_factory=dict)
-    n_images: int = 4000  # bundled image questions (training split; times data_scale)
+    n_images: int = 4000  # bundled pictures (training split; times data_scale); a tenth as many held out, at least 50
+    # the share of the bundled training answers that need no lookup (a count, the colour or place of the only shape)
+    # that are kept (prepare/shapes.py)
+    image_easy_keep: float = 1.0
     n_audio: int = 2000  # bundled audio clips (training split; times data_scale)
     # model
     n_layer: int = 4

@@ -55,7 +55,8 @@ def settings_from_config(cfg: TrainConfig) -> dict:
             "tasks": list(cfg.tasks), "scale": cfg.data_scale, "python": sys.version.split()[0],
             "n_images": cfg.n_images if "image" in cfg.tasks else 0,
             "n_audio": cfg.n_audio if "audio" in cfg.tasks else 0, "media": vars(MediaSpec.from_config(cfg)),
-            "image_after_question": cfg.image_after_question, "repeat_question": cfg.repeat_question}
+            "image_after_question": cfg.image_after_question, "repeat_question": cfg.repeat_question,
+            "image_easy_keep": cfg.image_easy_keep}
 
 
 
@@ -224,7 +225,7 @@ def build(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
             rows = make_image_examples(out_dir / "images" / split, n_media[split](cfg.n_images),
                                        split_seed(cfg.data_seed, split), cfg.image_size, relative_to=out_dir,
                                        all_questions=split == "train", question_first=cfg.image_after_question,
-                                       repeat_question=cfg.repeat_question)
+                                       repeat_question=cfg.repeat_question, easy_keep=cfg.image_easy_keep)
             write_jsonl(jsonl / f"{split}_images.jsonl", rows)
             paths[split].append(jsonl / f"{split}_images.jsonl")
         if "audio" in cfg.tasks and cfg.n_audio:

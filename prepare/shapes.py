@@ -14,6 +14,12 @@ What this file teaches:
   conversation asks every well-posed question about it, so one pass of the image encoder and one set of
   image placeholders pay for up to four supervised answers (the default run then trains on about 1.4x
   the image answer tokens per step, at the same row budget).
+- Where a step's answers go (easy_keep; config key image_easy_keep, 0.25 in config/mixed.py): an answer that needs
+  no lookup (a count, or the colour or place of the only shape) is learned early, while the ones that do (the colour
+  of the triangle among three shapes) are learned late, and only from pictures with more than one shape. A scene of
+  the training split keeps each answer of the first sort with probability easy_keep, and more scenes take the rows
+  freed. In the default run (easy_keep 0.25, 5,920 scenes instead of 4,000, about as many rows), seeds 1 / 2:
+  colour 0.91 / 0.76 -> 0.94 / 1.00, place 0.65 / 0.68 -> 0.88 / 0.82 (EXPERIMENTS.md).
 - The question before the picture (question_first; config key image_after_question, on in config/mixed.py):
   each question is a row of its own, "What color is the triangle?\n<image>". The GPT is causal, so only then
   can each image token read the question and tell whether it holds the shape asked about; with the picture
@@ -132,7 +138,8 @@ def scene_questions(rng: np.random.Generator, example: ImageExample) -> list[tup
 
 def make_image_examples(out_dir: str | Path, n: int, seed: int, image_size: int = IMAGE_SIZE,
                         relative_to: str | Path | None = None, all_questions: bool = False,
-                        question_first: bool = False, repeat_question: bool = False) -> list[dict]:
+                        question_first: bool = False, repeat_question: bool = False,
+                        easy_keep: float = 1.0) -> list[dict]:
     """Write n PNGs under out_dir and return one JSONL row per image.
 
     Rows are in the conversation schema, or for a TEXT_SCHEMA_FRACTION of them the {"text", "image",
@@ -146,7 +153,12 @@ def make_image_examples(out_dir: str | Path, n: int, seed: int, image_size: int 
     a scene gives one row per well-posed question.
     repeat_question: with question_first, the question again after the picture ("What color is the triangle?\n
     <image>\nWhat color is the triangle?"; why: the module docstring).
+    easy_keep: with all_questions, each answer that needs no lookup (needs_no_lookup) is kept with this
+    probability, drawn from the picture's own generator np.random.default_rng([seed, i, 2]); a scene always keeps
+    its description (why: the module docstring).
     """
+    if not 0.0 <= easy_keep <= 1.0:
+        raise ValueError(f"easy_keep={easy_keep}: the share of answers kept must be between 0 and 1")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     relative_to = Path(relative_to) if relative_to is not None else out_dir
@@ -160,17 +172,28 @@ def make_image_examples(out_dir: str | Path, n: int, seed: int, image_size: int 
         text_schema = rng.random() < TEXT_SCHEMA_FRACTION
         asked = (scene_questions(rng, example) if all_questions
                  else [(example.kind, example.question, example.answer)])
+        if all_questions and easy_keep < 1:  # fewer answers that need no lookup (module docstring)
+            thin = np.random.default_rng([seed, i, 2])
+            asked = [(kind, question, answer) for kind, question, answer in asked
+                     if not needs_no_lookup(kind, len(example.shapes)) or thin.random() < easy_keep]
         if question_first:  # one row per question, each with the picture after it (module docstring)
             # the layout sample.py and the chat page give a question about a picture (minimm.formats.user_text)
             rows += [_row(image, kind, [(user_text(question, 1, image_after_text=True, repeat_text=repeat_question),
                                          answer)], text_schema) for kind, question, answer in asked]
-        elif text_schema:  # that schema holds one question: the picture's own
-            rows.append(_row(image, example.kind, [(example.question, example.answer)], True))
+        elif text_schema:  # that schema holds one question: the picture's own (unless easy_keep left it out)
+            kind, question, answer = asked[0]
+            rows.append(_row(image, kind, [(question, answer)], True))
         else:
             exchanges = [((f"{IMAGE_MARKER}\n" if j == 0 else "") + question, answer)
                          for j, (_, question, answer) in enumerate(asked)]
-            rows.append(_row(image, example.kind, exchanges, False))
+            rows.append(_row(image, asked[0][0], exchanges, False))
     return rows
+
+
+def needs_no_lookup(kind: str, n_shapes: int) -> bool:
+    """Whether the answer to a question of `kind` about a scene of n_shapes is found without looking up the shape
+    or colour the question names among others: a count, or the colour or place of the only shape."""
+    return kind == "count" or (kind in ("color", "where") and n_shapes == 1)
 
 
 def _row(image: str, kind: str, exchanges: list[tuple[str, str]], text_schema: bool) -> dict:

@@ -227,3 +227,56 @@ def test_question_first_asks_each_question_before_its_own_picture(tmp_path):
         (role, text), (answer_role, _) = ex.turns
         assert role == "user" and answer_role == "assistant" and len(ex.images) == 1
         assert text.endswith((".\n<image>", "?\n<image>"))
+
+
+def _asked(row: dict) -> list[tuple[str, str]]:
+    """(question, answer) of each exchange of a row, the image placeholder taken out."""
+    if "text" in row:
+        return [(row["text"].replace("\n<image>", ""), row["response"])]
+    turns = row["conversations"]
+    return [(t["content"].replace("<image>\n", "").replace("\n<image>", ""), a["content"])
+            for t, a in zip(turns[::2], turns[1::2])]
+
+
+@pytest.mark.parametrize("question_first", [True, False])
+def test_easy_keep_leaves_out_only_answers_that_need_no_lookup(tmp_path, question_first):
+    kw = dict(image_size=SIZE, all_questions=True, question_first=question_first)
+    full = make_image_examples(tmp_path / "full", 80, seed=5, **kw)
+    none = make_image_examples(tmp_path / "none", 80, seed=5, easy_keep=0.0, **kw)
+    some = make_image_examples(tmp_path / "some", 80, seed=5, easy_keep=0.5, **kw)
+    assert make_image_examples(tmp_path / "one", 80, seed=5, easy_keep=1.0, **kw) == full
+    n_shapes = {i: len(make_example(5, i, SIZE).shapes) for i in range(80)}
+
+    def exchanges(rows):  # picture index -> [(kind, question, answer)], in order
+        out: dict[int, list] = {}
+        for row in rows:
+            i = int(Path(row["image"]).stem)
+            for question, answer in _asked(row):
+                kind = next(k for k, q in shapes.QUESTIONS.items() if re.fullmatch(
+                    re.escape(q).replace(r"\{shape\}", r"\w+").replace(r"\{color\}", r"\w+"), question))
+                out.setdefault(i, []).append((kind, question, answer))
+        return out
+
+    easy = {i: [e for e in asked if shapes.needs_no_lookup(e[0], n_shapes[i])] for i, asked in exchanges(full).items()}
+    assert 40 < sum(map(len, easy.values())) < sum(map(len, exchanges(full).values()))  # both sorts are there
+    one_question = {int(Path(r["image"]).stem) for r in full if "text" in r and not question_first}
+    for i in one_question:  # that schema holds one question, in conversation layout: the first one kept
+        assert len(exchanges(none)[i]) == 1
+        del easy[i]
+    for i, asked in exchanges(full).items():
+        if i in one_question:
+            continue
+        hard = [e for e in asked if e not in easy[i]]
+        assert hard and exchanges(none)[i] == hard  # every picture keeps the rest, in its order
+        kept = exchanges(some)[i]
+        assert [e for e in kept if e in hard] == hard and set(kept) <= set(asked)
+        if n_shapes[i] == 1:  # the only shape's colour and place, and the count, are the ones left out
+            assert {e[0] for e in hard} == {"describe"}
+    n_easy_kept = sum(len(exchanges(some)[i]) - len(exchanges(none)[i]) for i in easy)
+    assert 0.3 < n_easy_kept / sum(map(len, easy.values())) < 0.7
+    for row in none:  # a row's kind is its first question's, and a conversation's picture comes with it
+        assert row["kind"] == exchanges([row])[int(Path(row["image"]).stem)][0][0]
+        if "conversations" in row and not question_first:
+            assert row["conversations"][0]["content"].startswith("<image>\n")
+    with pytest.raises(ValueError, match="easy_keep"):
+        make_image_examples(tmp_path / "bad", 2, seed=5, easy_keep=1.5, **kw)
