@@ -49,6 +49,11 @@ image_after_question = True
 # 0.95 / 0.94 -> 0.96 / 0.96, at the same cost (EXPERIMENTS.md). A tenth as many pictures are held out: 592, not 400
 image_easy_keep = 0.25
 n_images = 5920
+# and each question is asked again after its picture ("What color is the triangle?\n<image>\nWhat color is the
+# triangle?"), so that the positions right before the answer hold the word to look up (prepare/shapes.py; sample.py and
+# the chat page lay a question out the same way). With the rows above, seeds 3 / 2: place 0.72 / 0.77 -> 0.91 / 0.83,
+# colour 0.96 / 1.00 -> 0.98 / 0.97; a picture's row ~8 tokens longer (EXPERIMENTS.md)
+repeat_question = True
 
 # 6000 synthetic clips, 3x TrainConfig's 2000 (5 s more to build). With 2000, each clip was heard ~14 times
 # and the audio train loss fell to a tenth of the val loss; with 6000 (each heard ~4.5 times) the audio val

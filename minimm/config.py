@@ -79,8 +79,8 @@ class TrainConfig:
     # train_files, set it to match where your data puts <image>
     image_after_question: bool = False
     # with image_after_question, the question is asked again after the picture ("What color is the triangle?\n<image>\n
-    # What color is the triangle?"): the image tokens read it before them, the answer right beside it. Off: in the
-    # default run place went up and colour down, both by about their spread (prepare/shapes.py, EXPERIMENTS.md)
+    # What color is the triangle?"): the image tokens read it before them, the answer right beside it (on in
+    # config/mixed.py; prepare/shapes.py, EXPERIMENTS.md)
     repeat_question: bool = False
     vision_pretrain_iters: int = 0  # steps training the ViT + projector on labelled bundled pictures first
     vision_pretrain_lr: float = 0.0  # > 0: that pretraining warms up to this rate, then decays linearly (0: it runs

@@ -25,12 +25,13 @@ What this file teaches:
   can each image token read the question and tell whether it holds the shape asked about; with the picture
   first the answer must find that token itself, a two-step lookup learned late. Images alone, 300 steps:
   colour 0.70 -> 0.87, describe 0.80 -> 0.87, though an answer costs ~24 tokens instead of ~11 (EXPERIMENTS.md).
-- The question again after the picture (repeat_question, off by default): "What color is the triangle?\n<image>\n
+- The question again after the picture (repeat_question; on in config/mixed.py): "What color is the triangle?\n<image>\n
   What color is the triangle?". The image tokens still read the question before them, and the positions right
   before the answer hold it too, so a query for "red" can go straight to the token of that colour instead of
   through what the image tokens made of the first copy (a prompt repeated so that a causal model reads it whole:
-  Leviathan et al. 2025, https://arxiv.org/abs/2512.14982). In the default run, four seeds: place 0.65 -> 0.73,
-  colour 0.77 -> 0.69, each seed moving either way by up to 0.23; a trade, not adopted (EXPERIMENTS.md).
+  Leviathan et al. 2025, https://arxiv.org/abs/2512.14982). Tried first with every answer kept (four seeds: place
+  0.65 -> 0.73, colour 0.77 -> 0.69, a trade); with easy_keep 0.25, seeds 3 / 2: place 0.72 / 0.77 -> 0.91 / 0.83, colour as
+  high (EXPERIMENTS.md).
 
 Questions (the "kind" of each row, so the evaluation can report accuracy per question type):
   describe  "Describe the image."         -> "a red circle left of a blue square" (shapes left to right)
