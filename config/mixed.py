@@ -44,15 +44,15 @@ freeze_vision = True
 image_after_question = True
 # the training scenes keep a quarter of their answers that need no lookup (every count; the colour and place of a
 # picture's only shape), which the GPT learns early, and 5,920 scenes instead of 4,000 fill the rows so freed with
-# pictures of two and three shapes, whose colour and place answers it learns last (prepare/shapes.py). On the 400
-# held-out pictures before, seeds 1 / 2: colour 0.91 / 0.76 -> 0.94 / 1.00, place 0.65 / 0.68 -> 0.88 / 0.82, describe
-# 0.95 / 0.94 -> 0.96 / 0.96, at the same cost (EXPERIMENTS.md). A tenth as many pictures are held out: 592, not 400
+# pictures of two and three shapes, whose colour and place answers it learns last (prepare/shapes.py). Seeds 1 / 2 / 3,
+# the recipe before asked the same 592 held-out pictures: colour 0.94 / 0.75 / 0.93 -> 0.99 / 1.00 / 0.96, place 0.61 /
+# 0.65 / 0.73 -> 0.88 / 0.77 / 0.72, at the same cost (EXPERIMENTS.md). A tenth as many pictures are held out: 592
 image_easy_keep = 0.25
 n_images = 5920
 # and each question is asked again after its picture ("What color is the triangle?\n<image>\nWhat color is the
 # triangle?"), so that the positions right before the answer hold the word to look up (prepare/shapes.py; sample.py and
-# the chat page lay a question out the same way). With the rows above, seeds 3 / 2: place 0.72 / 0.77 -> 0.91 / 0.83,
-# colour 0.96 / 1.00 -> 0.98 / 0.97; a picture's row ~8 tokens longer (EXPERIMENTS.md)
+# the chat page lay a question out the same way). With the rows above, seeds 1 / 2 / 3: place 0.88 / 0.77 / 0.72 -> 0.96
+# / 0.83 / 0.91, colour 0.99 / 1.00 / 0.96 -> 0.96 / 0.97 / 0.98; a picture's row ~8 tokens longer (EXPERIMENTS.md)
 repeat_question = True
 
 # 6000 synthetic clips, 3x TrainConfig's 2000 (5 s more to build). With 2000, each clip was heard ~14 times

@@ -18,8 +18,8 @@ What this file teaches:
   no lookup (a count, or the colour or place of the only shape) is learned early, while the ones that do (the colour
   of the triangle among three shapes) are learned late, and only from pictures with more than one shape. A scene of
   the training split keeps each answer of the first sort with probability easy_keep, and more scenes take the rows
-  freed. In the default run (easy_keep 0.25, 5,920 scenes instead of 4,000, about as many rows), seeds 1 / 2:
-  colour 0.91 / 0.76 -> 0.94 / 1.00, place 0.65 / 0.68 -> 0.88 / 0.82 (EXPERIMENTS.md).
+  freed. In the default run (easy_keep 0.25, 5,920 scenes instead of 4,000, about as many rows), seeds 1 / 2 / 3:
+  colour 0.94 / 0.75 / 0.93 -> 0.99 / 1.00 / 0.96, place 0.61 / 0.65 / 0.73 -> 0.88 / 0.77 / 0.72 (EXPERIMENTS.md).
 - The question before the picture (question_first; config key image_after_question, on in config/mixed.py):
   each question is a row of its own, "What color is the triangle?\n<image>". The GPT is causal, so only then
   can each image token read the question and tell whether it holds the shape asked about; with the picture
@@ -30,8 +30,8 @@ What this file teaches:
   before the answer hold it too, so a query for "red" can go straight to the token of that colour instead of
   through what the image tokens made of the first copy (a prompt repeated so that a causal model reads it whole:
   Leviathan et al. 2025, https://arxiv.org/abs/2512.14982). Tried first with every answer kept (four seeds: place
-  0.65 -> 0.73, colour 0.77 -> 0.69, a trade); with easy_keep 0.25, seeds 3 / 2: place 0.72 / 0.77 -> 0.91 / 0.83, colour as
-  high (EXPERIMENTS.md).
+  0.65 -> 0.73, colour 0.77 -> 0.69, a trade); with easy_keep 0.25, seeds 1 / 2 / 3: place 0.88 / 0.77 / 0.72 ->
+  0.96 / 0.83 / 0.91, colour 0.99 / 1.00 / 0.96 -> 0.96 / 0.97 / 0.98 (EXPERIMENTS.md).
 
 Questions (the "kind" of each row, so the evaluation can report accuracy per question type):
   describe  "Describe the image."         -> "a red circle left of a blue square" (shapes left to right)
