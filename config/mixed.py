@@ -52,7 +52,8 @@ n_images = 5920
 # and each question is asked again after its picture ("What color is the triangle?\n<image>\nWhat color is the
 # triangle?"), so that the positions right before the answer hold the word to look up (prepare/shapes.py; sample.py and
 # the chat page lay a question out the same way). With the rows above, seeds 1 / 2 / 3: place 0.88 / 0.77 / 0.72 -> 0.96
-# / 0.83 / 0.91, colour 0.99 / 1.00 / 0.96 -> 0.96 / 0.97 / 0.98; a picture's row ~8 tokens longer (EXPERIMENTS.md)
+# / 0.83 / 0.91, colour 0.99 / 1.00 / 0.96 -> 0.96 / 0.97 / 0.98 (a fourth seed: place 0.72, colour 0.57); a picture's
+# row ~8 tokens longer (EXPERIMENTS.md)
 repeat_question = True
 
 # 6000 synthetic clips, 3x TrainConfig's 2000 (5 s more to build). With 2000, each clip was heard ~14 times
