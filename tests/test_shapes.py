@@ -20,6 +20,12 @@ DESCRIBE = re.compile(rf"a ({'|'.join(NAMES)}) ({'|'.join(SHAPES)})(?: left of a
                       rf"({'|'.join(SHAPES)})){{0,2}}")
 
 
+def _kind_of(question: str) -> str:
+    """The kind whose template (shapes.QUESTIONS) the question fills."""
+    return next(k for k, q in shapes.QUESTIONS.items() if re.fullmatch(
+        re.escape(q).replace(r"\{shape\}", r"\w+").replace(r"\{color\}", r"\w+"), question))
+
+
 def _digests(out_dir: Path, rows: list[dict]) -> list[str]:
     return [hashlib.sha256((out_dir / row["image"]).read_bytes()).hexdigest() for row in rows]
 
@@ -160,9 +166,7 @@ def test_all_questions_asks_every_well_posed_question_once(tmp_path):
         assert [t["role"] for t in turns] == ["user", "assistant"] * (len(turns) // 2)
         assert all("<image>" not in t["content"] for t in turns[2:])  # one picture, one placeholder
         questions = [t["content"].removeprefix("<image>\n") for t in turns[::2]]
-        kinds = [next(k for k, q in shapes.QUESTIONS.items() if re.fullmatch(
-            re.escape(q).replace(r"\{shape\}", r"\w+").replace(r"\{color\}", r"\w+"), question))
-            for question in questions]
+        kinds = [_kind_of(question) for question in questions]
         assert len(set(kinds)) == len(kinds)  # no kind twice
         if row["kind"] == "read":
             assert len(turns) == 2
@@ -252,27 +256,26 @@ def test_easy_keep_leaves_out_only_answers_that_need_no_lookup(tmp_path, questio
         for row in rows:
             i = int(Path(row["image"]).stem)
             for question, answer in _asked(row):
-                kind = next(k for k, q in shapes.QUESTIONS.items() if re.fullmatch(
-                    re.escape(q).replace(r"\{shape\}", r"\w+").replace(r"\{color\}", r"\w+"), question))
-                out.setdefault(i, []).append((kind, question, answer))
+                out.setdefault(i, []).append((_kind_of(question), question, answer))
         return out
 
-    easy = {i: [e for e in asked if shapes.needs_no_lookup(e[0], n_shapes[i])] for i, asked in exchanges(full).items()}
-    assert 40 < sum(map(len, easy.values())) < sum(map(len, exchanges(full).values()))  # both sorts are there
+    asked_full, asked_none, asked_some = exchanges(full), exchanges(none), exchanges(some)
+    easy = {i: [e for e in asked if shapes.needs_no_lookup(e[0], n_shapes[i])] for i, asked in asked_full.items()}
+    assert 40 < sum(map(len, easy.values())) < sum(map(len, asked_full.values()))  # both sorts are there
     one_question = {int(Path(r["image"]).stem) for r in full if "text" in r and not question_first}
     for i in one_question:  # that schema holds one question, in conversation layout: the first one kept
-        assert len(exchanges(none)[i]) == 1
+        assert len(asked_none[i]) == 1
         del easy[i]
-    for i, asked in exchanges(full).items():
+    for i, asked in asked_full.items():
         if i in one_question:
             continue
         hard = [e for e in asked if e not in easy[i]]
-        assert hard and exchanges(none)[i] == hard  # every picture keeps the rest, in its order
-        kept = exchanges(some)[i]
+        assert hard and asked_none[i] == hard  # every picture keeps the rest, in its order
+        kept = asked_some[i]
         assert [e for e in kept if e in hard] == hard and set(kept) <= set(asked)
         if n_shapes[i] == 1:  # the only shape's colour and place, and the count, are the ones left out
             assert {e[0] for e in hard} == {"describe"}
-    n_easy_kept = sum(len(exchanges(some)[i]) - len(exchanges(none)[i]) for i in easy)
+    n_easy_kept = sum(len(asked_some[i]) - len(asked_none[i]) for i in easy)
     assert 0.3 < n_easy_kept / sum(map(len, easy.values())) < 0.7
     for row in none:  # a row's kind is its first question's, and a conversation's picture comes with it
         assert row["kind"] == exchanges([row])[int(Path(row["image"]).stem)][0][0]
