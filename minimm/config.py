@@ -51,6 +51,7 @@ class TrainConfig:
     # the share of the bundled training answers that need no lookup (a count, the colour or place of the only shape)
     # that are kept (prepare/shapes.py)
     image_easy_keep: float = 1.0
+    n_read_images: int = 0  # more training pictures of a word alone, "What does the text say?" (prepare/shapes.py)
     n_audio: int = 2000  # bundled audio clips (training split; times data_scale)
     # model
     n_layer: int = 4
@@ -86,6 +87,7 @@ class TrainConfig:
     vision_pretrain_lr: float = 0.0  # > 0: that pretraining warms up to this rate, then decays linearly (0: it runs
     # at learning_rate x media_lr_scale throughout; prepare/vision_pretrain.py)
     vision_pretrain_words: float = 0.0  # > 0: that pretraining also learns the words, its loss weighted by this
+    vision_pretrain_letters: float = 0.0  # > 0: ... and the letters in each cell of a text picture (weight)
     # audio encoder, used when the data has audio
     audio_n_layer: int = 3
     audio_n_head: int = 4

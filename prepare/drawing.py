@@ -68,9 +68,10 @@ def draw_shapes(rng: np.random.Generator, shapes: list[Shape], image_size: int,
     return _finish(rng, big, image_size)
 
 
-def draw_word(rng: np.random.Generator, word: str, image_size: int, tint: tuple[int, int, int]) -> Image.Image:
+def draw_word(rng: np.random.Generator, word: str, image_size: int,
+              tint: tuple[int, int, int]) -> tuple[Image.Image, list[tuple[float, float]]]:
     """The word at a random size and place on a background of colour tint, in dark or light ink, whichever
-    stands out more."""
+    stands out more -> the picture, and the centre (x, y) of each letter in output pixels."""
     margin = 2 * SUPERSAMPLE
     size = int(rng.uniform(0.30, 0.50) * image_size * SUPERSAMPLE)
     font = _font(size)
@@ -84,7 +85,10 @@ def draw_word(rng: np.random.Generator, word: str, image_size: int, tint: tuple[
     ink = (20, 20, 20) if sum(tint) > 3 * 128 else (245, 245, 245)
     big = Image.new("RGB", (image_size * SUPERSAMPLE,) * 2, tint)
     ImageDraw.Draw(big).text((x, y), word, fill=ink, font=font)
-    return _finish(rng, big, image_size)
+    middle = (y + (top + bottom) / 2) / SUPERSAMPLE  # a letter's centre: halfway along its advance, the line's middle
+    centres = [((x + (font.getlength(word[:k]) + font.getlength(word[:k + 1])) / 2) / SUPERSAMPLE, middle)
+               for k in range(len(word))]
+    return _finish(rng, big, image_size), centres
 
 
 def _outline(shape: Shape, scale: float) -> list[tuple[float, float]]:

@@ -56,7 +56,7 @@ def settings_from_config(cfg: TrainConfig) -> dict:
             "n_images": cfg.n_images if "image" in cfg.tasks else 0,
             "n_audio": cfg.n_audio if "audio" in cfg.tasks else 0, "media": vars(MediaSpec.from_config(cfg)),
             "image_after_question": cfg.image_after_question, "repeat_question": cfg.repeat_question,
-            "image_easy_keep": cfg.image_easy_keep}
+            "image_easy_keep": cfg.image_easy_keep, "n_read_images": cfg.n_read_images}
 
 
 
@@ -225,7 +225,8 @@ def build(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
             rows = make_image_examples(out_dir / "images" / split, n_media[split](cfg.n_images),
                                        split_seed(cfg.data_seed, split), cfg.image_size, relative_to=out_dir,
                                        all_questions=split == "train", question_first=cfg.image_after_question,
-                                       repeat_question=cfg.repeat_question, easy_keep=cfg.image_easy_keep)
+                                       repeat_question=cfg.repeat_question, easy_keep=cfg.image_easy_keep,
+                                       n_read=int(cfg.n_read_images * cfg.data_scale) if split == "train" else 0)
             write_jsonl(jsonl / f"{split}_images.jsonl", rows)
             paths[split].append(jsonl / f"{split}_images.jsonl")
         if "audio" in cfg.tasks and cfg.n_audio:

@@ -78,6 +78,7 @@ QUESTIONS = {
     "where": "Where is the {color} shape?",
     "read": "What does the text say?",
 }
+READ_INDEX = 10 ** 6  # make_image_examples' added text pictures: never the index of a scene
 TEXT_SCHEMA_FRACTION = 0.2  # rows written as {"text", "image", "response"}, so that reader is exercised too
 
 # Geometry, as fractions of a grid cell (image_size / 3). A centre stays 0.5 - JITTER = 0.32 cells (7.7
@@ -89,7 +90,8 @@ GAP = 2.0  # pixels between the bounding circles of two shapes: their blurred ed
 
 @dataclass
 class ImageExample:
-    """One picture and its question. shapes is empty for "read"; word is empty otherwise."""
+    """One picture and its question. shapes is empty for "read"; word and letters (the centre (x, y) of each
+    letter of the word, in pixels) are empty otherwise."""
 
     image: Image.Image
     kind: str
@@ -97,6 +99,7 @@ class ImageExample:
     answer: str
     shapes: list[Shape] = field(default_factory=list)
     word: str = ""
+    letters: list[tuple[float, float]] = field(default_factory=list)
 
 
 def split_seed(seed: int, split: str) -> int:
@@ -113,8 +116,8 @@ def make_example(seed: int, index: int, image_size: int = IMAGE_SIZE, kind: str 
     tint = background(rng)
     if kind == "read":
         word = WORDS[rng.integers(len(WORDS))]
-        image = draw_word(rng, word, image_size, tint)
-        return ImageExample(image, kind, QUESTIONS[kind], word, word=word)
+        image, letters = draw_word(rng, word, image_size, tint)
+        return ImageExample(image, kind, QUESTIONS[kind], word, word=word, letters=letters)
     while True:  # rejection: redraw until the question has exactly one right answer
         shapes = _place_shapes(rng, image_size)
         question, answer = _ask(rng, kind, shapes)
@@ -140,8 +143,8 @@ def scene_questions(rng: np.random.Generator, example: ImageExample) -> list[tup
 def make_image_examples(out_dir: str | Path, n: int, seed: int, image_size: int = IMAGE_SIZE,
                         relative_to: str | Path | None = None, all_questions: bool = False,
                         question_first: bool = False, repeat_question: bool = False,
-                        easy_keep: float = 1.0) -> list[dict]:
-    """Write n PNGs under out_dir and return one JSONL row per image.
+                        easy_keep: float = 1.0, n_read: int = 0) -> list[dict]:
+    """Write n PNGs under out_dir (and n_read more) and return one JSONL row per image.
 
     Rows are in the conversation schema, or for a TEXT_SCHEMA_FRACTION of them the {"text", "image",
     "response"} schema; both carry "kind" (of the first question). "image" paths are relative to
@@ -157,6 +160,8 @@ def make_image_examples(out_dir: str | Path, n: int, seed: int, image_size: int 
     easy_keep: with all_questions, each answer that needs no lookup (needs_no_lookup) is kept with this
     probability, drawn from the picture's own generator np.random.default_rng([seed, i, 2]); a scene always keeps
     its description (why: the module docstring).
+    n_read: that many more pictures of a word alone (the read kind), indices READ_INDEX + j of the same seed, so
+    they never change the n scenes (why: the module docstring).
     """
     if not 0.0 <= easy_keep <= 1.0:
         raise ValueError(f"easy_keep={easy_keep}: the share of answers kept must be between 0 and 1")
@@ -164,8 +169,8 @@ def make_image_examples(out_dir: str | Path, n: int, seed: int, image_size: int 
     out_dir.mkdir(parents=True, exist_ok=True)
     relative_to = Path(relative_to) if relative_to is not None else out_dir
     rows = []
-    for i in range(n):
-        example = make_example(seed, i, image_size)
+    for i in [*range(n), *range(READ_INDEX, READ_INDEX + n_read)]:
+        example = make_example(seed, i, image_size, kind="read" if i >= READ_INDEX else None)
         path = out_dir / f"{i:06d}.png"
         example.image.save(path, format="PNG")
         image = path.resolve().relative_to(relative_to.resolve()).as_posix()

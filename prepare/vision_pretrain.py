@@ -41,6 +41,7 @@ from minimm.training import configure_optimizer
 from minimm.vit import to_tensor
 from prepare.shapes import COLORS, SHAPES, WORDS, make_example, split_seed
 
+LETTERS = "abcdefghijklmnopqrstuvwxyz"  # prepare/shapes.py's words are lowercase
 GRID = 3  # prepare/shapes.py puts each shape's centre well inside a cell of a 3x3 grid
 # at most this many training pictures are drawn (~8 s); 1200 steps of 32 (config/mixed.py) see each twice. With 8,000
 # the 1200 steps learned them by heart (training loss 0.000) and named a held-out cell's shape 0.97 of the time; with
@@ -62,9 +63,9 @@ WARMUP = 30
 
 def scenes(seed: int, n: int, image_size: int, n_words: int = 0) -> tuple[torch.Tensor, ...]:
     """n pictures of prepare/shapes.py (any kind), then n_words text pictures -> pixels (N, H, W, 3) uint8,
-    colour and shape per cell (N, 9) (0 = no shape there), word index (N,) (-100 for a scene of shapes),
-    N = n + n_words."""
-    pixels, colors, shapes, words = [], [], [], []
+    colour and shape per cell (N, 9) (0 = no shape there), word index (N,) (-100 for a scene of shapes), and the
+    letters whose centre lies in each cell (N, 9, 26) (0 / 1; none for a scene), N = n + n_words."""
+    pixels, colors, shapes, words, letters = [], [], [], [], []
     cell = image_size / GRID
     for i in [*range(n), *range(WORD_INDEX, WORD_INDEX + n_words)]:
         example = make_example(seed, i, image_size, kind="read" if i >= WORD_INDEX else None)
@@ -72,16 +73,20 @@ def scenes(seed: int, n: int, image_size: int, n_words: int = 0) -> tuple[torch.
         for s in example.shapes:
             k = int(s.y // cell) * GRID + int(s.x // cell)  # row-major, as the tokens are
             color[k], shape[k] = 1 + list(COLORS).index(s.color), 1 + SHAPES.index(s.name)
+        in_cell = np.zeros((GRID * GRID, len(LETTERS)), np.float32)
+        for char, (x, y) in zip(example.word, example.letters):
+            in_cell[min(int(y // cell), GRID - 1) * GRID + min(int(x // cell), GRID - 1), LETTERS.index(char)] = 1
         pixels.append(np.asarray(example.image))
         colors.append(color)
         shapes.append(shape)
         words.append(WORDS.index(example.word) if example.word else -100)
+        letters.append(in_cell)
     return (torch.from_numpy(np.stack(pixels)), torch.from_numpy(np.stack(colors)),
-            torch.from_numpy(np.stack(shapes)), torch.tensor(words))
+            torch.from_numpy(np.stack(shapes)), torch.tensor(words), torch.from_numpy(np.stack(letters)))
 
 
 class Probe(nn.Module):
-    """An encoder and three linear heads: colour and shape per cell, the word from all cells.
+    """An encoder and four linear heads: colour, shape and the letters in it per cell, the word from all cells.
 
     encoder: pixels (B, 3, H, W) -> tokens (B, M, C) on a square grid of M tokens; a grid other than 3x3 is
     average-pooled to 3x3 so each head's input is one cell's tokens."""
@@ -92,6 +97,7 @@ class Probe(nn.Module):
         self.color = nn.Linear(dim, 1 + len(COLORS))
         self.shape = nn.Linear(dim, 1 + len(SHAPES))
         self.word = nn.Linear(GRID * GRID * dim, len(WORDS))
+        self.letters = nn.Linear(dim, len(LETTERS))
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         h = self.encoder(to_tensor(pixels))  # (B, M, C)
@@ -99,28 +105,37 @@ class Probe(nn.Module):
         if side != GRID:
             grid = h.transpose(1, 2).reshape(h.shape[0], h.shape[2], side, side)  # (B, C, side, side)
             h = F.adaptive_avg_pool2d(grid, GRID).flatten(2).transpose(1, 2)  # (B, 9, C)
-        return self.color(h), self.shape(h), self.word(h.flatten(1))  # (B, 9, 8), (B, 9, 6), (B, n_words)
+        # (B, 9, 8), (B, 9, 6), (B, n_words), (B, 9, 26)
+        return self.color(h), self.shape(h), self.word(h.flatten(1)), self.letters(h)
 
 
-def losses(probe: Probe, batch: tuple[torch.Tensor, ...], word_weight: float) -> torch.Tensor:
-    pixels, colors, shapes, words = batch
-    color_logits, shape_logits, word_logits = probe(pixels)
+def losses(probe: Probe, batch: tuple[torch.Tensor, ...], word_weight: float,
+           letter_weight: float = 0.0) -> torch.Tensor:
+    pixels, colors, shapes, words, letters = batch
+    color_logits, shape_logits, word_logits, letter_logits = probe(pixels)
     loss = F.cross_entropy(color_logits.flatten(0, 1), colors.flatten())
     loss = loss + F.cross_entropy(shape_logits.flatten(0, 1), shapes.flatten())
-    if word_weight and (words >= 0).any():  # a batch without a text picture has no word loss
+    texts = words >= 0  # a batch without a text picture has no word or letter loss
+    if word_weight and texts.any():
         loss = loss + word_weight * F.cross_entropy(word_logits, words, ignore_index=-100)
+    if letter_weight and texts.any():  # per cell, one yes / no per letter, summed over the 26 (a cell holds 0-3)
+        per_letter = F.binary_cross_entropy_with_logits(letter_logits[texts], letters[texts], reduction="none")
+        loss = loss + letter_weight * per_letter.sum(-1).mean()
     return loss
 
 
 @torch.no_grad()
 def accuracy(probe: Probe, val: tuple[torch.Tensor, ...]) -> dict:
-    """Held-out accuracy: colour and shape over the cells that hold a shape, word over the text pictures."""
-    pixels, colors, shapes, words = val
-    color_logits, shape_logits, word_logits = probe(pixels)
+    """Held-out accuracy: colour and shape over the cells that hold a shape, word over the text pictures; for the
+    letters, F1 of the (cell, letter) pairs named over the text pictures' true ones."""
+    pixels, colors, shapes, words, letters = val
+    color_logits, shape_logits, word_logits, letter_logits = probe(pixels)
     occupied, texts = colors > 0, words >= 0
+    named, true = (letter_logits[texts] > 0).float(), letters[texts]
     return {"color": (color_logits.argmax(-1) == colors)[occupied].float().mean().item(),
             "shape": (shape_logits.argmax(-1) == shapes)[occupied].float().mean().item(),
-            "word": (word_logits.argmax(-1) == words)[texts].float().mean().item()}
+            "word": (word_logits.argmax(-1) == words)[texts].float().mean().item(),
+            "letters": (2 * (named * true).sum() / (named.sum() + true.sum()).clamp(min=1)).item()}
 
 
 def lr_factor(step: int, steps: int, warmup: int) -> float:
@@ -132,10 +147,10 @@ def lr_factor(step: int, steps: int, warmup: int) -> float:
 
 def fit(probe: Probe, train_set, val_set, steps: int, batch_size: int, lr: float, optimizer: str = "muon",
         word_weight: float = 0.0, seed: int = 1337, eval_every: int = 0, decay: bool = False,
-        log: Callable[[str], None] = print) -> tuple[dict, float]:
+        log: Callable[[str], None] = print, letter_weight: float = 0.0) -> tuple[dict, float]:
     """steps steps of the optimizer (minimm.training: "adamw" or "muon") on batches drawn with a fixed seed, at
-    the rate lr, or with decay warmed up to lr and decayed (lr_factor); -> held-out accuracy after the last step,
-    pictures per second."""
+    the rate lr, or with decay warmed up to lr and decayed (lr_factor), the word and letter losses weighted by
+    word_weight and letter_weight; -> held-out accuracy after the last step, pictures per second."""
     opt = configure_optimizer(probe, 0.0, lr, (0.9, 0.999), "cpu", optimizer=optimizer)
     batch_rng = torch.Generator().manual_seed(seed)
     device = next(probe.parameters()).device
@@ -147,7 +162,7 @@ def fit(probe: Probe, train_set, val_set, steps: int, batch_size: int, lr: float
             for group in opt.param_groups:
                 group["lr"] = lr * lr_factor(step, steps, warmup) * group.get("lr_scale", 1.0)
         idx = torch.randint(0, len(train_set[0]), (batch_size,), generator=batch_rng)
-        loss = losses(probe, [t[idx].to(device) for t in train_set], word_weight)
+        loss = losses(probe, [t[idx].to(device) for t in train_set], word_weight, letter_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -155,7 +170,7 @@ def fit(probe: Probe, train_set, val_set, steps: int, batch_size: int, lr: float
         if eval_every and (step % eval_every == 0 or step == steps):
             acc = accuracy(probe, [t.to(device) for t in val_set])
             log(f"step {step:5d}  loss {loss.item():.3f}  held-out colour {acc['color']:.2f}  "
-                f"shape {acc['shape']:.2f}  word {acc['word']:.2f}  ({seconds:.0f} s)")
+                f"shape {acc['shape']:.2f}  word {acc['word']:.2f}  letters {acc['letters']:.2f}  ({seconds:.0f} s)")
     return accuracy(probe, [t.to(device) for t in val_set]), steps * batch_size / max(seconds, 1e-9)
 
 
@@ -174,16 +189,17 @@ def pretrain_vision(model: nn.Module, cfg, log: Callable[[str], None] = print) -
     """Train model.vision and model.image_projector for cfg.vision_pretrain_iters steps on per-cell labels of
     prepare/shapes.py pictures drawn from cfg.data_seed at cfg.image_size with cfg.optimizer, at the encoders'
     rate (learning_rate x media_lr_scale), or warmed up to cfg.vision_pretrain_lr and decayed when it is set
-    (lr_factor); with cfg.vision_pretrain_words > 0 also on which word the text pictures show, that loss
-    weighted by it, over WORD_SHARE more text pictures. The global RNG is left as it was, so the main run's
-    draws do not depend on it. -> held-out accuracy {"color", "shape", "word"} of the discarded heads."""
+    (lr_factor); with cfg.vision_pretrain_words > 0 also on which word the text pictures show, with
+    cfg.vision_pretrain_letters > 0 on which letters lie in each cell of them, each loss weighted by its key,
+    over WORD_SHARE more text pictures. The global RNG is left as it was, so the main run's draws do not depend
+    on it. -> held-out accuracy {"color", "shape", "word", "letters"} of the discarded heads."""
     path = ImagePath(model.vision, model.image_projector)
     device = next(path.parameters()).device
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         n_pictures = min(N_PICTURES, cfg.vision_pretrain_iters * BATCH_SIZE)  # never more than it will see
-        words = cfg.vision_pretrain_words > 0
+        words = cfg.vision_pretrain_words > 0 or cfg.vision_pretrain_letters > 0
         n_words = round(WORD_SHARE * n_pictures) if words else 0
         train_set = scenes(split_seed(cfg.data_seed, "train"), n_pictures, cfg.image_size, n_words)
         val_set = scenes(split_seed(cfg.data_seed, "val"), N_VAL, cfg.image_size, N_VAL_WORDS if words else 0)
@@ -191,9 +207,11 @@ def pretrain_vision(model: nn.Module, cfg, log: Callable[[str], None] = print) -
         decay = cfg.vision_pretrain_lr > 0
         lr = cfg.vision_pretrain_lr if decay else cfg.learning_rate * cfg.media_lr_scale
         acc, speed = fit(probe, train_set, val_set, cfg.vision_pretrain_iters, BATCH_SIZE, lr, cfg.optimizer,
-                         cfg.vision_pretrain_words, seed=cfg.seed, decay=decay)
+                         cfg.vision_pretrain_words, seed=cfg.seed, decay=decay,
+                         letter_weight=cfg.vision_pretrain_letters)
     log(f"vision pretraining: {cfg.vision_pretrain_iters} steps of {BATCH_SIZE} pictures "
         f"({n_pictures + n_words} drawn) in {time.perf_counter() - start:.0f} s ({speed:.0f} pictures/s); "
         f"held-out colour {acc['color']:.2f}, shape {acc['shape']:.2f} per cell"
-        + (f", word {acc['word']:.2f}" if words else ""))
+        + (f", word {acc['word']:.2f}" if cfg.vision_pretrain_words > 0 else "")
+        + (f", letters {acc['letters']:.2f} (F1)" if cfg.vision_pretrain_letters > 0 else ""))
     return acc

@@ -142,6 +142,12 @@ def test_shapes_and_text_are_big_enough_to_see():
         assert ys.min() > 0 and xs.min() > 0 and ys.max() < SIZE - 1 and xs.max() < SIZE - 1  # not cut off
         assert ys.max() - ys.min() + 1 >= 7  # letters at least 7 pixels tall: legible
         assert (xs.max() - xs.min() + 1) >= 4 * len(example.word)
+        # each letter's centre (what prepare/vision_pretrain.py labels a cell by): left to right inside the ink
+        centres = np.array(example.letters)
+        assert len(centres) == len(example.word) and (np.diff(centres[:, 0]) > 0).all()
+        assert xs.min() < centres[0, 0] < xs.min() + (xs.max() - xs.min()) / len(example.word) + 1
+        assert xs.max() - (xs.max() - xs.min()) / len(example.word) - 1 < centres[-1, 0] < xs.max()
+        assert (ys.min() <= centres[:, 1]).all() and (centres[:, 1] <= ys.max()).all()
 
 
 @pytest.mark.parametrize("image_size", [36, 64])

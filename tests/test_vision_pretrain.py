@@ -4,13 +4,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from minimm.config import load_config
 from minimm.multimodal import MultimodalGPT, model_args_from_config
 from prepare import vision_pretrain
-from prepare.vision_pretrain import ImagePath, Probe, accuracy, lr_factor, pretrain_vision, scenes
-from prepare.shapes import split_seed
+from prepare.vision_pretrain import LETTERS, ImagePath, Probe, accuracy, lr_factor, pretrain_vision, scenes
+from prepare.shapes import WORDS, split_seed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,8 +79,9 @@ def test_a_finer_token_grid_is_pooled_to_the_3x3_cells():
     model, cfg = tiny_model(pixel_shuffle=1)
     probe = Probe(ImagePath(model.vision, model.image_projector), cfg.n_embd)
     pixels = scenes(3, 4, cfg.image_size)[0]
-    colors, shapes, words = probe(pixels)
+    colors, shapes, words, letters = probe(pixels)
     assert colors.shape == (4, 9, 8) and shapes.shape == (4, 9, 6) and words.shape[0] == 4
+    assert letters.shape == (4, 9, 26)
 
 
 def test_train_py_pretrains_a_fresh_runs_encoder(tmp_path):
@@ -129,11 +131,34 @@ def test_word_pictures_are_added_after_the_scenes():
     picture has a word and no shape in any cell."""
     plain = scenes(3, 10, 48)
     with_words = scenes(3, 10, 48, n_words=6)
-    assert [t.shape[0] for t in with_words] == [16] * 4
+    assert [t.shape[0] for t in with_words] == [16] * 5
     assert all(torch.equal(a, b[:10]) for a, b in zip(plain, with_words))
-    pixels, colors, shapes, words = with_words
+    pixels, colors, shapes, words, letters = with_words
     assert (words[10:] >= 0).all() and (colors[10:] == 0).all() and (shapes[10:] == 0).all()
     assert len({tuple(p.flatten()[:200].tolist()) for p in pixels[10:]}) == 6  # six different pictures
+    assert (letters[words < 0] == 0).all()  # a scene has no letters
+
+
+def test_letter_labels_lie_where_the_ink_is():
+    """Each text picture's cells name exactly the word's letters (a letter twice, as in "apple", in one cell or
+    two), and every cell said to hold a letter has ink in it."""
+    pixels, _, _, words, letters = scenes(7, 0, 48, n_words=40)
+    for img, word, cells in zip(pixels.numpy().astype(np.float64), words.tolist(), letters.numpy()):
+        word = WORDS[word]
+        assert set(np.nonzero(cells.sum(0))[0]) == {LETTERS.index(c) for c in word}
+        assert len(word) >= cells.sum() >= len(set(word))
+        ink = np.linalg.norm(img - np.median(img.reshape(-1, 3), axis=0), axis=-1) > 60  # (48, 48)
+        for k in np.nonzero(cells.sum(1))[0]:
+            r, c = divmod(int(k), 3)
+            assert ink[r * 16:r * 16 + 16, c * 16:c * 16 + 16].sum() >= 3, (word, k)
+
+
+def test_pretraining_with_letters_reports_them():
+    model, cfg = tiny_model(vision_pretrain_iters=4, vision_pretrain_letters=0.3)
+    lines = []
+    acc = pretrain_vision(model, cfg, log=lines.append)
+    assert "(192 drawn)" in lines[0] and ", letters " in lines[0] and ", word" not in lines[0], lines
+    assert 0.0 <= acc["letters"] <= 1.0
 
 
 def test_pretraining_with_words_draws_text_pictures_and_reports_the_word():

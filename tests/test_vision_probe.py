@@ -19,7 +19,7 @@ PALETTE = np.array(list(COLORS.values()), dtype=np.float64)
 
 def test_cell_labels_match_the_pixels():
     """Each labelled cell holds pixels of its colour, and the labels of a picture are consistent."""
-    pixels, colors, shapes, words = vision_probe.scenes(seed=11, n=40, image_size=48)
+    pixels, colors, shapes, words, _ = vision_probe.scenes(seed=11, n=40, image_size=48)
     assert pixels.shape == (40, 48, 48, 3) and colors.shape == shapes.shape == (40, 9)
     assert ((colors > 0) == (shapes > 0)).all()  # a cell has a colour exactly when it has a shape
     assert ((words >= 0) == (colors == 0).all(1)).all()  # text pictures have no shapes, scenes have no word
