@@ -9,7 +9,8 @@ tokens carry. This bench takes the language model out: the config's ViT and proj
 pixels, 8-pixel patches, pixel shuffle 2 -> 9 tokens, one per cell of the 3x3 grid that prepare/shapes.py
 places shapes on) are trained with linear heads straight on the answers' raw material:
 - per token: the colour of the shape whose centre is in that cell (or "none"), and its shape name;
-- per picture, for the text images: which of the WORDS it shows (one head over all 9 tokens).
+- per picture, for the text images: which of the WORDS it shows (one head over all 9 tokens);
+- with --letter_weight, per token of a text image: which letters have their centre in its cell (F1 printed).
 The same data and batches train a small CNN with the same 3x3 output grid, the usual peer when a vision
 model must learn from few images: convolutions build in locality and translation equivariance, which a
 ViT has to learn (Dosovitskiy et al. 2020, "An Image is Worth 16x16 Words",
@@ -104,6 +105,8 @@ def main() -> None:
     parser.add_argument("--n_train", type=int, default=8000)
     parser.add_argument("--n_val", type=int, default=500)
     parser.add_argument("--word_weight", type=float, default=1.0, help="0: train colour and shape only")
+    parser.add_argument("--letter_weight", type=float, default=0.0, help="> 0: also which letters lie in each cell of "
+                        "a text picture (prepare/vision_pretrain.py; config/mixed.py's vision_pretrain_letters)")
     parser.add_argument("--eval_every", type=int, default=300)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--models", default="vit,cnn", help="which encoders to train, in this order: vit, "
@@ -136,11 +139,11 @@ def main() -> None:
         print(f"{name}: {sum(p.numel() for p in encoder.parameters()):,} encoder parameters, {trained:,} trained")
         results[name] = fit(probe, train_set, val_set, args.steps, args.batch_size, args.lr, args.optimizer,
                             args.word_weight, args.seed, args.eval_every, decay=args.decay,
-                            log=lambda line: print(f"{name:>4} {line}"))
+                            log=lambda line: print(f"{name:>4} {line}"), letter_weight=args.letter_weight)
     print("\nheld-out accuracy after the last step (chance: shape 0.20, word 1/%d)" % len(WORDS))
-    print(f"{'':>6}{'colour':>8}{'shape':>8}{'word':>8}{'pictures/s':>12}")
+    print(f"{'':>6}{'colour':>8}{'shape':>8}{'word':>8}{'letters':>8}{'pictures/s':>12}")  # letters: F1 per cell
     for name, (acc, speed) in results.items():
-        print(f"{name:>6}{acc['color']:8.2f}{acc['shape']:8.2f}{acc['word']:8.2f}{speed:12.0f}")
+        print(f"{name:>6}{acc['color']:8.2f}{acc['shape']:8.2f}{acc['word']:8.2f}{acc['letters']:8.2f}{speed:12.0f}")
     if not {"vit", "cnn"} <= set(results):
         return
     vit, cnn = results["vit"][0], results["cnn"][0]

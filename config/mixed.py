@@ -36,6 +36,13 @@ vision_pretrain_iters = 1200
 # same 600 steps a held-out cell's shape is named 0.92-0.94 of the time, not 0.86-0.90, and the colour answers rise by
 # about a tenth (EXPERIMENTS.md)
 vision_pretrain_lr = 3e-3
+# reading: that pretraining also tells, per cell of 9,600 added text pictures, which letters lie in it (a yes / no per
+# letter; prepare/vision_pretrain.py), and the GPT's rows hold 3,000 more pictures of a word besides the 1,183 of the
+# scenes (prepare/shapes.py). Read 0.02-0.06 -> 0.94 / 0.94 / 0.93 (seeds 1 / 2 / 3); 6,000 more pictures without the
+# letters, 0.42. The price: a cell's shape 0.99 -> 0.97 and the lookups learned later, so describe, colour and place
+# lower on average (0.96 / 0.97 / 0.90 -> 0.91 / 0.83 / 0.78), ~30 s more pretraining (EXPERIMENTS.md)
+vision_pretrain_letters = 0.3
+n_read_images = 3000
 freeze_vision = True
 # each question about a picture is a row of its own with the picture after it ("What color is the triangle?\n<image>"):
 # the GPT is causal, so only then can the image tokens attend to the question and each tell whether it holds the shape

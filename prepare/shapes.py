@@ -32,6 +32,10 @@ What this file teaches:
   Leviathan et al. 2025, https://arxiv.org/abs/2512.14982). Tried first with every answer kept (four seeds: place
   0.65 -> 0.73, colour 0.77 -> 0.69, a trade); with easy_keep 0.25, seeds 1 / 2 / 3: place 0.88 / 0.77 / 0.72 ->
   0.96 / 0.83 / 0.91, colour 0.99 / 1.00 / 0.96 -> 0.96 / 0.97 / 0.98 (EXPERIMENTS.md).
+- More pictures of a word (n_read; config key n_read_images): a scene set is a fifth text pictures, 1,183 of the
+  default's 5,920, about 22 of each word, and the GPT learned to read next to none of the held-out words (0.02-0.03).
+  The added pictures come after the scenes, at indices from READ_INDEX, so the scenes stay as they were; with the
+  encoder pretrained on each cell's letters (prepare/vision_pretrain.py) the default reads (EXPERIMENTS.md).
 
 Questions (the "kind" of each row, so the evaluation can report accuracy per question type):
   describe  "Describe the image."         -> "a red circle left of a blue square" (shapes left to right)

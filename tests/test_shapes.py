@@ -289,3 +289,23 @@ def test_easy_keep_leaves_out_only_answers_that_need_no_lookup(tmp_path, questio
             assert row["conversations"][0]["content"].startswith("<image>\n")
     with pytest.raises(ValueError, match="easy_keep"):
         make_image_examples(tmp_path / "bad", 2, seed=5, easy_keep=1.5, **kw)
+
+
+def test_n_read_adds_text_pictures_after_the_scenes(tmp_path):
+    """n_read pictures of a word alone follow the n scenes, which stay byte for byte what they were; each asks
+    "What does the text say?" and its answer is the word drawn (make_example at its READ_INDEX index)."""
+    kw = dict(seed=5, image_size=SIZE, all_questions=True, question_first=True, repeat_question=True)
+    plain = make_image_examples(tmp_path / "plain", 12, **kw)
+    more = make_image_examples(tmp_path / "more", 12, n_read=20, **kw)
+    assert more[:len(plain)] == plain
+    assert _digests(tmp_path / "more", more[:len(plain)]) == _digests(tmp_path / "plain", plain)
+    added = more[len(plain):]
+    assert len(added) == 20 and all(row["kind"] == "read" for row in added)
+    words = set()
+    for row in added:
+        index = int(Path(row["image"]).stem)
+        ((question, answer),) = _asked(row)
+        assert index >= shapes.READ_INDEX and question.count(shapes.QUESTIONS["read"]) == 2
+        assert answer == make_example(5, index, SIZE, "read").word
+        words.add(answer)
+    assert len(words) > 5

@@ -45,14 +45,15 @@ def test_both_encoders_give_one_token_per_cell():
 
 def test_script_runs_and_prints_both_models():
     out = subprocess.run([sys.executable, str(ROOT / "bench" / "vision_probe.py"), "--steps", "3", "--eval_every",
-                          "3", "--n_train", "40", "--n_val", "30", "--batch_size", "8", "--optimizer", "muon"],
+                          "3", "--n_train", "40", "--n_val", "30", "--batch_size", "8", "--optimizer", "muon",
+                          "--letter_weight", "0.3"],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
     rows = {line.split()[0]: line.split()[1:] for line in out.stdout.splitlines()
-            if line.split()[:1] in (["vit"], ["cnn"]) and len(line.split()) == 5}
+            if line.split()[:1] in (["vit"], ["cnn"]) and len(line.split()) == 6}
     assert set(rows) == {"vit", "cnn"}
     for values in rows.values():
-        assert all(0.0 <= float(v) <= 1.0 for v in values[:3]) and float(values[3]) > 0
+        assert all(0.0 <= float(v) <= 1.0 for v in values[:4]) and float(values[4]) > 0
     assert "ViT / CNN:" in out.stdout
 
 
