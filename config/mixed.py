@@ -40,7 +40,7 @@ vision_pretrain_lr = 3e-3
 # letter; prepare/vision_pretrain.py), and the GPT's rows hold 3,000 more pictures of a word besides the 1,183 of the
 # scenes (prepare/shapes.py). Read 0.02-0.06 -> 0.94 / 0.94 / 0.93 (seeds 1 / 2 / 3); 6,000 more pictures without the
 # letters, 0.42. The price: a cell's shape 0.99 -> 0.97 and the lookups learned later, so describe, colour and place
-# lower on average (0.96 / 0.97 / 0.90 -> 0.91 / 0.83 / 0.78), ~10-30 s more pretraining (EXPERIMENTS.md)
+# lower on average (0.96 / 0.97 / 0.90 -> 0.91 / 0.83 / 0.78), the pretraining 99 s -> 101-139 s (EXPERIMENTS.md)
 vision_pretrain_letters = 0.3
 n_read_images = 3000
 freeze_vision = True

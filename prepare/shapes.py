@@ -54,6 +54,7 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,7 +83,7 @@ QUESTIONS = {
     "where": "Where is the {color} shape?",
     "read": "What does the text say?",
 }
-READ_INDEX = 10 ** 6  # make_image_examples' added text pictures: never the index of a scene
+READ_INDEX = 10 ** 6  # the indices of added text pictures (examples_with_words): never those of a scene
 TEXT_SCHEMA_FRACTION = 0.2  # rows written as {"text", "image", "response"}, so that reader is exercised too
 
 # Geometry, as fractions of a grid cell (image_size / 3). A centre stays 0.5 - JITTER = 0.32 cells (7.7
@@ -130,6 +131,13 @@ def make_example(seed: int, index: int, image_size: int = IMAGE_SIZE, kind: str 
             return ImageExample(image, kind, question, answer, shapes)
 
 
+def examples_with_words(seed: int, n: int, image_size: int, n_words: int) -> Iterator[tuple[int, ImageExample]]:
+    """(index, example) for pictures 0..n-1 of `seed` (any kind), then n_words pictures of a word alone at indices
+    READ_INDEX.. of the same seed: the added ones never change the n."""
+    for i in [*range(n), *range(READ_INDEX, READ_INDEX + n_words)]:
+        yield i, make_example(seed, i, image_size, kind="read" if i >= READ_INDEX else None)
+
+
 def scene_questions(rng: np.random.Generator, example: ImageExample) -> list[tuple[str, str, str]]:
     """Every well-posed question about a scene as (kind, question, answer), the example's own first, the rest
     (one of each other kind that has a unique answer) in random order. A text image has only its own."""
@@ -173,8 +181,7 @@ def make_image_examples(out_dir: str | Path, n: int, seed: int, image_size: int 
     out_dir.mkdir(parents=True, exist_ok=True)
     relative_to = Path(relative_to) if relative_to is not None else out_dir
     rows = []
-    for i in [*range(n), *range(READ_INDEX, READ_INDEX + n_read)]:
-        example = make_example(seed, i, image_size, kind="read" if i >= READ_INDEX else None)
+    for i, example in examples_with_words(seed, n, image_size, n_read):
         path = out_dir / f"{i:06d}.png"
         example.image.save(path, format="PNG")
         image = path.resolve().relative_to(relative_to.resolve()).as_posix()

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 
 from minimm.training import configure_optimizer
 from minimm.vit import to_tensor
-from prepare.shapes import COLORS, SHAPES, WORDS, make_example, split_seed
+from prepare.shapes import COLORS, SHAPES, WORDS, examples_with_words, split_seed
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"  # prepare/shapes.py's words are lowercase
 GRID = 3  # prepare/shapes.py puts each shape's centre well inside a cell of a 3x3 grid
@@ -59,7 +59,6 @@ N_VAL = 500  # held-out pictures, from the validation seed, for the accuracy it 
 # since a scene set holds only a fifth of them and the ViT then barely learned a word (0.14 after 600 steps)
 WORD_SHARE = 0.5
 N_VAL_WORDS = 200
-WORD_INDEX = 10 ** 6  # the added text pictures' indices: never those of a prepare/mixed.py picture
 BATCH_SIZE = 32
 # the rate schedule of the pretraining: warm up over the first WARMUP steps (at most a tenth of them), then fall
 # linearly to near zero at the last. At a constant rate the encoder ends where the noise of its last steps leaves
@@ -74,8 +73,7 @@ def scenes(seed: int, n: int, image_size: int, n_words: int = 0) -> tuple[torch.
     letters whose centre lies in each cell (N, 9, 26) (0 / 1; none for a scene), N = n + n_words."""
     pixels, colors, shapes, words, letters = [], [], [], [], []
     cell = image_size / GRID
-    for i in [*range(n), *range(WORD_INDEX, WORD_INDEX + n_words)]:
-        example = make_example(seed, i, image_size, kind="read" if i >= WORD_INDEX else None)
+    for _, example in examples_with_words(seed, n, image_size, n_words):
         color, shape = np.zeros(GRID * GRID, np.int64), np.zeros(GRID * GRID, np.int64)
         for s in example.shapes:
             k = int(s.y // cell) * GRID + int(s.x // cell)  # row-major, as the tokens are
@@ -206,10 +204,10 @@ def pretrain_vision(model: nn.Module, cfg, log: Callable[[str], None] = print) -
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         n_pictures = min(N_PICTURES, cfg.vision_pretrain_iters * BATCH_SIZE)  # never more than it will see
-        words = cfg.vision_pretrain_words > 0 or cfg.vision_pretrain_letters > 0
-        n_words = round(WORD_SHARE * n_pictures) if words else 0
+        with_text = cfg.vision_pretrain_words > 0 or cfg.vision_pretrain_letters > 0
+        n_words = round(WORD_SHARE * n_pictures) if with_text else 0
         train_set = scenes(split_seed(cfg.data_seed, "train"), n_pictures, cfg.image_size, n_words)
-        val_set = scenes(split_seed(cfg.data_seed, "val"), N_VAL, cfg.image_size, N_VAL_WORDS if words else 0)
+        val_set = scenes(split_seed(cfg.data_seed, "val"), N_VAL, cfg.image_size, N_VAL_WORDS if with_text else 0)
         probe = Probe(path, model.image_projector.mlp[-1].out_features).to(device)
         decay = cfg.vision_pretrain_lr > 0
         lr = cfg.vision_pretrain_lr if decay else cfg.learning_rate * cfg.media_lr_scale
