@@ -236,11 +236,13 @@ signal.signal(signal.SIGINT, request_stop)
 
 # ---- the loop ------------------------------------------------------------------------------------------
 step = start_step
-lr = learning_rate_at(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, lr_decay_iters)
+lr = learning_rate_at(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, lr_decay_iters,
+                      cfg.warmdown_frac)
 bar = tqdm(total=cfg.max_iters, initial=step, disable=not master, dynamic_ncols=True, desc="train")
 t_last, tokens_since = time.time(), 0
 while step < cfg.max_iters and not stop_requested:
-    lr = learning_rate_at(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, lr_decay_iters)
+    lr = learning_rate_at(step, cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, lr_decay_iters,
+                          cfg.warmdown_frac)
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)  # a checkpoint from before lr_scale has none
     if step % cfg.eval_interval == 0 and step > start_step and master:

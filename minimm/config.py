@@ -114,6 +114,7 @@ class TrainConfig:
     min_lr: float = 1e-5
     warmup_iters: int = 100
     lr_decay_iters: typing.Optional[int] = None  # None: max_iters
+    warmdown_frac: float = 0.0  # 0: cosine after the warmup; > 0: the full rate, then linear over this last share
     optimizer: str = "adamw"  # or "muon": Muon for the Linear weights, AdamW for the rest (minimm/muon.py)
     weight_decay: float = 0.1
     beta1: float = 0.9

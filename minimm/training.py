@@ -6,7 +6,10 @@ What this file teaches:
   optimizer, so a frozen base (LoRA, freeze flags) holds no optimizer state at all. `optimizer="muon"`
   hands the nn.Linear weights to Muon instead (minimm/muon.py), with the same groups and schedule.
 - The schedule: linear warmup, then a cosine from learning_rate down to min_lr at lr_decay_iters. A group
-  of parameters may follow it at a multiple (lr_scales: the media encoders at media_lr_scale).
+  of parameters may follow it at a multiple (lr_scales: the media encoders at media_lr_scale). Or, with
+  warmdown_frac > 0, warmup-stable-decay: the full rate until the last warmdown_frac of the steps, then a straight
+  line down to min_lr (Hu et al. 2024, MiniCPM, https://arxiv.org/abs/2404.06395; Hägele et al. 2024,
+  https://arxiv.org/abs/2405.18392): more steps at the full rate, for what is learned late.
 - Token-weighted gradient accumulation: the loss of a step is the sum of per-token losses over every
   micro-batch divided by the step's total count of supervised tokens. A mean of micro-batch means would
   weight a micro-batch with 3 answer tokens like one with 300; this way the step equals one big batch.
@@ -80,11 +83,18 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def learning_rate_at(step: int, learning_rate: float, min_lr: float, warmup_iters: int,
-                     lr_decay_iters: int) -> float:
+                     lr_decay_iters: int, warmdown_frac: float = 0.0) -> float:
+    """The rate at step (0-based): linear warmup, then a cosine to min_lr at lr_decay_iters, or with
+    warmdown_frac > 0 the full rate until the last warmdown_frac x lr_decay_iters steps, then linear to min_lr."""
     if step < warmup_iters:
         return learning_rate * (step + 1) / warmup_iters
     if step >= lr_decay_iters:
         return min_lr
+    if warmdown_frac > 0:
+        decay_start = max(warmup_iters, lr_decay_iters - round(warmdown_frac * lr_decay_iters))
+        if step < decay_start:
+            return learning_rate
+        return min_lr + (lr_decay_iters - step) / max(1, lr_decay_iters - decay_start) * (learning_rate - min_lr)
     progress = (step - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
