@@ -37,12 +37,13 @@ vision_pretrain_iters = 1200
 # about a tenth (EXPERIMENTS.md)
 vision_pretrain_lr = 3e-3
 # reading: that pretraining also tells, per cell of 9,600 added text pictures, which letters lie in it (a yes / no per
-# letter; prepare/vision_pretrain.py), and the GPT's rows hold 3,000 more pictures of a word besides the 1,183 of the
-# scenes (prepare/shapes.py). Read 0.02-0.06 -> 0.94 / 0.94 / 0.93 (seeds 1 / 2 / 3); 6,000 more pictures without the
-# letters, 0.42. The price: a cell's shape 0.99 -> 0.97 and the lookups learned later, so describe, colour and place
-# lower on average (0.96 / 0.97 / 0.90 -> 0.91 / 0.83 / 0.78), the pretraining 99 s -> 101-139 s (EXPERIMENTS.md)
+# letter; prepare/vision_pretrain.py), and the GPT's rows hold 1,500 more pictures of a word besides the 1,183 of the
+# scenes (prepare/shapes.py). With 3,000 added, read 0.02-0.06 -> 0.94 / 0.94 / 0.93 (seeds 1 / 2 / 3; 6,000 without
+# the letters, 0.42), but a cell's shape 0.99 -> 0.97 and the lookups lower (describe / colour / place 0.96 / 0.97 /
+# 0.90 -> 0.91 / 0.83 / 0.78 on average). 1,500 added, paired seeds, on average: read 0.94 -> 0.93, colour 0.83 ->
+# 0.92 (up in all three), place 0.78 -> 0.81, describe 0.91 -> 0.90; the build 49 s -> 36 s (EXPERIMENTS.md)
 vision_pretrain_letters = 0.3
-n_read_images = 3000
+n_read_images = 1500
 freeze_vision = True
 # each question about a picture is a row of its own with the picture after it ("What color is the triangle?\n<image>"):
 # the GPT is causal, so only then can the image tokens attend to the question and each tell whether it holds the shape
