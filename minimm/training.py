@@ -9,7 +9,8 @@ What this file teaches:
   of parameters may follow it at a multiple (lr_scales: the media encoders at media_lr_scale). Or, with
   warmdown_frac > 0, warmup-stable-decay: the full rate until the last warmdown_frac of the steps, then a straight
   line down to min_lr (Hu et al. 2024, MiniCPM, https://arxiv.org/abs/2404.06395; Hägele et al. 2024,
-  https://arxiv.org/abs/2405.18392): more steps at the full rate, for what is learned late.
+  https://arxiv.org/abs/2405.18392): more steps at the full rate. In the default run, one seed, it changed nothing
+  beyond that seed's spread (EXPERIMENTS.md), so config/mixed.py keeps the cosine.
 - Token-weighted gradient accumulation: the loss of a step is the sum of per-token losses over every
   micro-batch divided by the step's total count of supervised tokens. A mean of micro-batch means would
   weight a micro-batch with 3 answer tokens like one with 300; this way the step equals one big batch.
