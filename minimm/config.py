@@ -52,6 +52,9 @@ class TrainConfig:
     # that are kept (prepare/shapes.py)
     image_easy_keep: float = 1.0
     n_read_images: int = 0  # more training pictures of a word alone, "What does the text say?" (prepare/shapes.py)
+    # {"color": n}: a bundled training scene asks the colour of up to n of its shapes, not one; {"where": n} the place
+    # of up to n of its colours (prepare/shapes.py)
+    image_lookups: dict = field(default_factory=dict)
     n_audio: int = 2000  # bundled audio clips (training split; times data_scale)
     # model
     n_layer: int = 4

@@ -56,7 +56,8 @@ def settings_from_config(cfg: TrainConfig) -> dict:
             "n_images": cfg.n_images if "image" in cfg.tasks else 0,
             "n_audio": cfg.n_audio if "audio" in cfg.tasks else 0, "media": vars(MediaSpec.from_config(cfg)),
             "image_after_question": cfg.image_after_question, "repeat_question": cfg.repeat_question,
-            "image_easy_keep": cfg.image_easy_keep, "n_read_images": cfg.n_read_images}
+            "image_easy_keep": cfg.image_easy_keep, "n_read_images": cfg.n_read_images,
+            "image_lookups": cfg.image_lookups}
 
 
 
@@ -226,7 +227,8 @@ def build(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
                                        split_seed(cfg.data_seed, split), cfg.image_size, relative_to=out_dir,
                                        all_questions=split == "train", question_first=cfg.image_after_question,
                                        repeat_question=cfg.repeat_question, easy_keep=cfg.image_easy_keep,
-                                       n_read=int(cfg.n_read_images * cfg.data_scale) if split == "train" else 0)
+                                       n_read=int(cfg.n_read_images * cfg.data_scale) if split == "train" else 0,
+                                       lookups=cfg.image_lookups)
             write_jsonl(jsonl / f"{split}_images.jsonl", rows)
             paths[split].append(jsonl / f"{split}_images.jsonl")
         if "audio" in cfg.tasks and cfg.n_audio:

@@ -41,7 +41,8 @@ def test_same_seed_same_bytes_and_changed_settings_are_stale(tmp_path):
     assert len(asked) >= 50 and len(taught) > 50 and not asked & taught  # no held-out question answered
     assert dataset_status(tmp_path / "a", settings_from_config(cfg)) == "ok"
     for change in ("--data_seed=7", "--vocab_size=512", "--image_size=32", "--pixel_shuffle=2",
-                   "--image_after_question=True", "--repeat_question=True", "--n_read_images=5"):
+                   "--image_after_question=True", "--repeat_question=True", "--n_read_images=5",
+                   "--image_lookups={'color': 3}"):
         changed = load_config(SMALL + [change])
         assert dataset_status(tmp_path / "a", settings_from_config(changed)) == "stale", change
 
