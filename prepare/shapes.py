@@ -152,7 +152,7 @@ def scene_questions(rng: np.random.Generator, example: ImageExample, lookups: di
     (one of each other kind that has a unique answer) in random order. A text image has only its own.
     lookups: {kind: n} for the lookup kinds (color, where): that kind is asked about up to n shapes of the scene,
     not one (a kind left out: one). The added questions (about shapes not yet asked of, in an order drawn from
-    `more`) come after the others, so the list begins as it does without them."""
+    `more`, or from rng when None) come after the others, so the list begins as it does without them."""
     asked = [(example.kind, example.question, example.answer)]
     if example.kind == "read":
         return asked
@@ -161,7 +161,7 @@ def scene_questions(rng: np.random.Generator, example: ImageExample, lookups: di
         question, answer = _ask(rng, kind, example.shapes)
         if answer is not None:
             asked.append((kind, question, answer))
-    more = more if more is not None else np.random.default_rng()
+    more = rng if more is None else more
     for kind in (k for k in LOOKUPS if (lookups or {}).get(k, 1) > 1):
         done = [question for k, question, _ in asked if k == kind]
         candidates = [pair for pair in _lookup_pairs(kind, example.shapes) if pair[0] not in done]

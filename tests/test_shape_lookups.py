@@ -72,7 +72,7 @@ def test_make_image_examples_with_lookups(tmp_path):
     by_picture: dict[int, list[tuple[str, str]]] = {}
     for row in rows:
         by_picture.setdefault(int(Path(row["image"]).stem), []).append(_question(row))
-    for row in thinned:  # every question of lookups=1 is still asked, with the same answer
+    for row in thinned:  # every question asked without lookups is still asked, with the same answer
         assert _question(row) in by_picture[int(Path(row["image"]).stem)]
     kinds, kinds_before = Counter(r["kind"] for r in rows), Counter(r["kind"] for r in thinned)
     assert kinds["color"] > kinds_before["color"] and kinds["where"] > kinds_before["where"]
