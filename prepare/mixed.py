@@ -66,7 +66,7 @@ def stdlib_modules() -> list[tuple[Path, str, ast.Module]]:
     """(path, source, syntax tree) of every standard-library module that parses, in a fixed order."""
     root = Path(sysconfig.get_paths()["stdlib"])
     paths = []
-    for folder, subfolders, files in os.walk(root):  # not root.rglob: that walks all of site-packages first (~5 s)
+    for folder, subfolders, files in os.walk(root):  # not root.rglob, which walks all of site-packages too (0.4-1.6 s)
         subfolders[:] = [d for d in subfolders if d not in SKIP_DIRS]
         paths += [Path(folder) / f for f in files if f.endswith(".py")]
     modules = []
