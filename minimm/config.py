@@ -55,6 +55,9 @@ class TrainConfig:
     # {"color": n}: a bundled training scene asks the colour of up to n of its shapes, not one; {"where": n} the place
     # of up to n of its colours (prepare/shapes.py)
     image_lookups: dict = field(default_factory=dict)
+    # {kind: n}: each bundled training row of that question kind ("describe", ...) is written n times, so it is drawn
+    # n times as often as the task's other rows (prepare/mixed.py)
+    image_repeats: dict = field(default_factory=dict)
     n_audio: int = 2000  # bundled audio clips (training split; times data_scale)
     # model
     n_layer: int = 4

@@ -42,7 +42,7 @@ from minimm.data import MediaSpec  # noqa: E402
 from minimm.pack import build_dataset, describe_meta  # noqa: E402
 from minimm.formats import IMAGE_MARKER, AUDIO_MARKER, read_examples, write_jsonl  # noqa: E402
 from minimm.tokenizer import Tokenizer  # noqa: E402
-from prepare.shapes import make_image_examples, split_seed  # noqa: E402
+from prepare.shapes import KINDS, make_image_examples, split_seed  # noqa: E402
 from prepare.sounds import make_audio_examples  # noqa: E402
 
 N_CODE_VAL = 60  # held-out code instructions; the final evaluation asks 50 of them
@@ -58,7 +58,7 @@ def settings_from_config(cfg: TrainConfig) -> dict:
             "n_audio": cfg.n_audio if "audio" in cfg.tasks else 0, "media": vars(MediaSpec.from_config(cfg)),
             "image_after_question": cfg.image_after_question, "repeat_question": cfg.repeat_question,
             "image_easy_keep": cfg.image_easy_keep, "n_read_images": cfg.n_read_images,
-            "image_lookups": cfg.image_lookups}
+            "image_lookups": cfg.image_lookups, "image_repeats": cfg.image_repeats}
 
 
 
@@ -208,6 +208,17 @@ def unanswered(train_rows: list[dict], val_rows: list[dict]) -> list[dict]:
     return [row for row in train_rows if (row["instruction"], row["input"]) not in held_out]
 
 
+def repeat_kinds(rows: list[dict], repeats: dict[str, int]) -> list[dict]:
+    """Each row whose "kind" is a key of repeats written that many times, one after another: a per-question-kind
+    draw weight inside the image task (task_weights weighs whole tasks). Repeats of a row share its picture, which
+    the packed dataset stores once."""
+    for kind, n in repeats.items():
+        if kind not in KINDS or not isinstance(n, int) or n < 1:
+            raise ValueError(f"image_repeats={repeats}: each key one of {KINDS}, each value a whole number of at "
+                             "least 1")
+    return [row for row in rows for _ in range(repeats.get(row["kind"], 1))]
+
+
 def build(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
     """Write the JSONL files, train the tokenizer, pack; returns meta."""
     t0 = time.time()
@@ -234,6 +245,8 @@ def build(cfg: TrainConfig, out_dir: str | Path, log=print) -> dict:
                                        repeat_question=cfg.repeat_question, easy_keep=cfg.image_easy_keep,
                                        n_read=int(cfg.n_read_images * cfg.data_scale) if split == "train" else 0,
                                        lookups=cfg.image_lookups)
+            if split == "train":
+                rows = repeat_kinds(rows, cfg.image_repeats)
             write_jsonl(jsonl / f"{split}_images.jsonl", rows)
             paths[split].append(jsonl / f"{split}_images.jsonl")
         if "audio" in cfg.tasks and cfg.n_audio:

@@ -23,6 +23,18 @@ def test_training_code_rows_never_answer_a_held_out_question():
     assert unanswered(train, val) == train[1:]
 
 
+def test_repeat_kinds_writes_each_row_of_a_kind_n_times_in_place_and_refuses_bad_values():
+    import pytest
+    from prepare.mixed import repeat_kinds
+    rows = [{"kind": "count", "id": 0}, {"kind": "describe", "id": 1}, {"kind": "read", "id": 2},
+            {"kind": "describe", "id": 3}]
+    assert repeat_kinds(rows, {}) == rows
+    assert [r["id"] for r in repeat_kinds(rows, {"describe": 3, "read": 2})] == [0, 1, 1, 1, 2, 2, 3, 3, 3]
+    for bad in ({"shape": 2}, {"describe": 0}, {"describe": 1.5}):
+        with pytest.raises(ValueError, match="image_repeats"):
+            repeat_kinds(rows, bad)
+
+
 def digest(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -42,9 +54,14 @@ def test_same_seed_same_bytes_and_changed_settings_are_stale(tmp_path):
     assert dataset_status(tmp_path / "a", settings_from_config(cfg)) == "ok"
     for change in ("--data_seed=7", "--vocab_size=512", "--image_size=32", "--pixel_shuffle=2",
                    "--image_after_question=True", "--repeat_question=True", "--n_read_images=5",
-                   "--image_lookups={'color': 3}"):
+                   "--image_lookups={'color': 3}", "--image_repeats={'describe': 2}"):
         changed = load_config(SMALL + [change])
         assert dataset_status(tmp_path / "a", settings_from_config(changed)) == "stale", change
+    build(load_config(SMALL + ["--image_repeats={'count': 2}"]), tmp_path / "c", log=lambda *_: None)
+    kinds = {name: [r["kind"] for r in read_jsonl(tmp_path / name / "jsonl" / "train_images.jsonl")] for name in "ac"}
+    assert kinds["c"].count("count") == 2 * kinds["a"].count("count") > 0  # the training rows only
+    assert [k for k in kinds["c"] if k != "count"] == [k for k in kinds["a"] if k != "count"]
+    assert a["jsonl/val_images.jsonl"] == digest(tmp_path / "c")["jsonl/val_images.jsonl"]
 
 
 SOURCE = '''
