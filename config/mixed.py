@@ -73,6 +73,10 @@ repeat_question = True
 # ({"color": 3}): place 0.99 -> 0.65 in seed 2; pictures drawn 1.1x: describe 0.92 in seed 2, but code 0.78 and DTMF
 # 0.89 (EXPERIMENTS.md)
 image_lookups = {"color": 3, "where": 3}
+# image_repeats stays empty. The descriptions drawn 2x or 3x as often within the pictures' share (each description row
+# written n times, pictures drawn 0.775x / 0.6537x), seeds 2 / 3 / 4: describe 0.86 / 0.898 / 0.907 -> 0.88 / 0.97 /
+# 0.89 (2x), 0.95 / 0.94 (3x, seeds 2 / 3), but colour, place and reading fell (3x: colour 0.98 -> 0.91 / 0.90, read
+# 0.91 / 0.94 -> 0.89 / 0.83; 2x, seed 4: colour 0.97 -> 0.84, code 0.86 -> 0.68; EXPERIMENTS.md)
 
 # 6000 synthetic clips, 3x TrainConfig's 2000 (5 s more to build). With 2000, each clip was heard ~14 times
 # and the audio train loss fell to a tenth of the val loss; with 6000 (each heard ~4.5 times) the audio val
