@@ -210,8 +210,8 @@ def unanswered(train_rows: list[dict], val_rows: list[dict]) -> list[dict]:
 
 def repeat_kinds(rows: list[dict], repeats: dict[str, int]) -> list[dict]:
     """Each row whose "kind" is a key of repeats written that many times, one after another: a per-question-kind
-    draw weight inside the image task (task_weights weighs whole tasks). Repeats of a row share its picture, which
-    the packed dataset stores once."""
+    draw weight inside the image task (task_weights weighs whole tasks). A row's kind is its first question's (the
+    only one with image_after_question). Repeats of a row share its picture, which the packed dataset stores once."""
     for kind, n in repeats.items():
         if kind not in KINDS or not isinstance(n, int) or n < 1:
             raise ValueError(f"image_repeats={repeats}: each key one of {KINDS}, each value a whole number of at "
