@@ -42,7 +42,7 @@ from minimm.data import MediaSpec  # noqa: E402
 from minimm.pack import build_dataset, describe_meta  # noqa: E402
 from minimm.formats import IMAGE_MARKER, AUDIO_MARKER, read_examples, write_jsonl  # noqa: E402
 from minimm.tokenizer import Tokenizer  # noqa: E402
-from prepare.shapes import KINDS, make_image_examples, split_seed  # noqa: E402
+from prepare.shapes import KINDS, check_counts, make_image_examples, split_seed  # noqa: E402
 from prepare.sounds import make_audio_examples  # noqa: E402
 
 N_CODE_VAL = 60  # held-out code instructions; the final evaluation asks 50 of them
@@ -212,10 +212,7 @@ def repeat_kinds(rows: list[dict], repeats: dict[str, int]) -> list[dict]:
     """Each row whose "kind" is a key of repeats written that many times, one after another: a per-question-kind
     draw weight inside the image task (task_weights weighs whole tasks). A row's kind is its first question's (the
     only one with image_after_question). Repeats of a row share its picture, which the packed dataset stores once."""
-    for kind, n in repeats.items():
-        if kind not in KINDS or not isinstance(n, int) or n < 1:
-            raise ValueError(f"image_repeats={repeats}: each key one of {KINDS}, each value a whole number of at "
-                             "least 1")
+    check_counts("image_repeats", repeats, KINDS)
     return [row for row in rows for _ in range(repeats.get(row["kind"], 1))]
 
 

@@ -198,9 +198,7 @@ def make_image_examples(out_dir: str | Path, n: int, seed: int, image_size: int 
     """
     if not 0.0 <= easy_keep <= 1.0:
         raise ValueError(f"easy_keep={easy_keep}: the share of answers kept must be between 0 and 1")
-    for kind, count in (lookups or {}).items():
-        if kind not in LOOKUPS or not isinstance(count, int) or count < 1:
-            raise ValueError(f"lookups={lookups}: each key one of {LOOKUPS}, each value a whole number of at least 1")
+    check_counts("lookups", lookups or {}, LOOKUPS)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     relative_to = Path(relative_to) if relative_to is not None else out_dir
@@ -229,6 +227,12 @@ def make_image_examples(out_dir: str | Path, n: int, seed: int, image_size: int 
                          for j, (_, question, answer) in enumerate(asked)]
             rows.append(_row(image, asked[0][0], exchanges, False))
     return rows
+
+
+def check_counts(name: str, counts: dict, kinds: tuple[str, ...]) -> None:
+    """ValueError unless counts maps some of `kinds` to whole numbers of at least 1 (lookups, image_repeats)."""
+    if any(kind not in kinds or not isinstance(n, int) or n < 1 for kind, n in counts.items()):
+        raise ValueError(f"{name}={counts}: each key one of {kinds}, each value a whole number of at least 1")
 
 
 def needs_no_lookup(kind: str, n_shapes: int) -> bool:
