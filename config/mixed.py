@@ -72,8 +72,8 @@ repeat_question = True
 # code 0.92 / 0.80 / 0.80 -> 0.84 / 0.88 / 0.88; a fourth seed colour 0.89 -> 0.97, describe 0.91 held. Colour alone
 # ({"color": 3}): place 0.99 -> 0.65 in seed 2; pictures drawn 1.1x: describe 0.92 in seed 2, but code 0.78 and DTMF
 # 0.89. Two of each ({"color": 2, "where": 2}, pictures drawn 1.0282x to keep their share), seeds 1337 / 2 / 3 /
-# 4: describe 0.96 / 0.86 / 0.898 / 0.907 -> 0.93 / 0.898 / 0.94 / 0.94, but seed 1337's colour 1.00 -> 0.72
-# (EXPERIMENTS.md)
+# 4: describe 0.96 / 0.86 / 0.898 / 0.907 -> 0.93 / 0.898 / 0.94 / 0.94, but seed 1337's colour 1.00 -> 0.72; three
+# colours and two places, seeds 1337 / 2: describe 0.94 / 0.898, code 0.78 / 0.84 (EXPERIMENTS.md)
 image_lookups = {"color": 3, "where": 3}
 # image_repeats stays empty. The descriptions drawn 2x or 3x as often within the pictures' share (each description row
 # written n times, pictures drawn 0.775x / 0.6537x), seeds 2 / 3 / 4: describe 0.86 / 0.898 / 0.907 -> 0.88 / 0.97 /
